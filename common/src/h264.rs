@@ -1,0 +1,1 @@
+//! H.264 Annex B parsing (being written).

@@ -1,0 +1,116 @@
+//! QUIC defaults and the one-socket endpoint every camera and viewer owns.
+//!
+//! Owns transport parameters (keep-alive, idle timeout, flow-control windows, stream
+//! limits) for the two kinds of connection, and the endpoint constructor that also keeps a
+//! clone of the UDP socket for punch packets. Does not dial or accept.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+use crate::tls::TlsError;
+
+/// Keep-alive on rendezvous connections: well under the 30 s UDP timeout of most NATs.
+pub const RENDEZVOUS_KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Idle timeout on rendezvous connections.
+pub const RENDEZVOUS_IDLE: Duration = Duration::from_secs(30);
+/// Keep-alive on media connections.
+pub const MEDIA_KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Idle timeout on media connections: a viewer notices a dead camera within this.
+pub const MEDIA_IDLE: Duration = Duration::from_secs(10);
+/// Most GOP streams a camera may have open towards one viewer at once.
+pub const MAX_GOP_STREAMS: u32 = 32;
+
+fn idle(d: Duration) -> Option<IdleTimeout> {
+    IdleTimeout::try_from(d).ok()
+}
+
+/// Transport for rendezvous connections (both ends): small windows, one control stream, so
+/// that a rendezvous can hold very many idle registrations.
+pub fn rendezvous_transport() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(RENDEZVOUS_KEEP_ALIVE))
+        .max_idle_timeout(idle(RENDEZVOUS_IDLE))
+        .max_concurrent_bidi_streams(VarInt::from_u32(2))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(128 * 1024))
+        .receive_window(VarInt::from_u32(256 * 1024))
+        .send_window(256 * 1024)
+        .datagram_receive_buffer_size(None);
+    t
+}
+
+/// Transport for media connections. `initial_rtt` comes from the RTT measured through the
+/// rendezvous, so a lost first packet is resent after tens of milliseconds, not a second.
+pub fn media_transport(initial_rtt: Option<Duration>) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(MEDIA_KEEP_ALIVE))
+        .max_idle_timeout(idle(MEDIA_IDLE))
+        .max_concurrent_bidi_streams(VarInt::from_u32(2))
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_GOP_STREAMS))
+        .stream_receive_window(VarInt::from_u32(8 * 1024 * 1024))
+        .send_window(16 * 1024 * 1024)
+        .datagram_receive_buffer_size(None);
+    if let Some(rtt) = initial_rtt {
+        t.initial_rtt(rtt.clamp(Duration::from_millis(1), Duration::from_millis(333)));
+    }
+    t
+}
+
+/// Wraps a rustls client config for quinn with a transport.
+pub fn quic_client(
+    tls: rustls::ClientConfig,
+    transport: TransportConfig,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let crypto = QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::BadCa(format!("TLS config unusable for QUIC: {e}")))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Wraps a rustls server config for quinn with a transport.
+pub fn quic_server(
+    tls: rustls::ServerConfig,
+    transport: TransportConfig,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::BadCa(format!("TLS config unusable for QUIC: {e}")))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    // Validate addresses of new clients before spending work on them only when loaded;
+    // the 3x anti-amplification limit of QUIC applies regardless.
+    config.migration(true);
+    Ok(config)
+}
+
+/// A quinn endpoint on one UDP socket, and a clone of that socket for punch packets.
+#[derive(Debug)]
+pub struct SharedEndpoint {
+    /// The QUIC endpoint: rendezvous and peer traffic alike.
+    pub endpoint: quinn::Endpoint,
+    /// The same UDP socket, for sending tiny punch packets that quinn cannot send.
+    pub punch: Arc<UdpSocket>,
+}
+
+/// Binds one UDP socket and builds an endpoint on it. Must run inside a tokio runtime.
+pub fn bind_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<SharedEndpoint> {
+    let socket = UdpSocket::bind(addr)?;
+    let punch = Arc::new(socket.try_clone()?);
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)?;
+    Ok(SharedEndpoint { endpoint, punch })
+}
+
+/// Largest punch packet: quinn answers unknown packets longer than about 21 bytes with a
+/// stateless reset, so punches stay at or below this and draw no reply.
+pub const PUNCH_LEN: usize = 12;
+/// Payload of a punch packet.
+pub const PUNCH: &[u8; PUNCH_LEN] = b"peercam-hole";

@@ -1,0 +1,262 @@
+//! The rendezvous protocol (ALPN `peercam-rdv/1`): one message enum per direction.
+//!
+//! A camera or viewer opens one bidirectional stream after the handshake and exchanges
+//! [`ToRendezvous`] / [`FromRendezvous`] frames on it (see `frame`). Who the peer is comes
+//! from its certificate, never from a message. This module defines the messages only; the
+//! rules that act on them live in the `rendezvous` crate.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{CameraId, SessionId, ViewerId};
+
+/// ALPN of the rendezvous protocol.
+pub const ALPN: &[u8] = b"peercam-rdv/1";
+
+/// Most local addresses a peer may announce.
+pub const MAX_LOCAL_ADDRS: usize = 16;
+/// Most entries in a camera's access list.
+pub const MAX_ACCESS_LIST: usize = 1024;
+
+/// QUIC application close codes used on rendezvous connections.
+pub mod close {
+    /// Normal close.
+    pub const OK: u32 = 0;
+    /// The peer sent a malformed, oversized or unexpected message.
+    pub const PROTOCOL: u32 = 1;
+    /// The peer's certificate has a role that may not do this.
+    pub const WRONG_ROLE: u32 = 2;
+    /// Another key already holds this camera ID.
+    pub const ID_TAKEN: u32 = 3;
+    /// The rendezvous is shutting down: reconnect (with backoff).
+    pub const SHUTDOWN: u32 = 4;
+    /// The same camera registered again from a newer connection.
+    pub const REPLACED: u32 = 5;
+    /// Too many connections or requests.
+    pub const BUSY: u32 = 6;
+}
+
+/// What a camera can do, announced at registration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Codecs the camera streams (e.g. `h264`).
+    pub codecs: Vec<String>,
+    /// Protocol version of the agent.
+    pub version: u32,
+}
+
+/// Messages from a camera or viewer to the rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToRendezvous {
+    /// Camera: register the ID in my certificate.
+    Register {
+        /// Host candidates (LAN interface addresses with the agent's port).
+        local_addrs: Vec<SocketAddr>,
+        /// Viewers allowed to connect.
+        access: Vec<ViewerId>,
+        /// What I can stream.
+        caps: Capabilities,
+    },
+    /// Camera: replace my access list.
+    SetAccess {
+        /// Viewers allowed to connect.
+        access: Vec<ViewerId>,
+    },
+    /// Viewer: introduce me to a camera.
+    Connect {
+        /// The camera wanted.
+        camera: CameraId,
+        /// Host candidates of the viewer.
+        local_addrs: Vec<SocketAddr>,
+    },
+    /// Camera: I accept this introduction and have sent my punch packets.
+    Accept {
+        /// The introduction answered.
+        session: SessionId,
+        /// Host candidates of the camera (may have changed since registration).
+        local_addrs: Vec<SocketAddr>,
+    },
+    /// Camera: I refuse this introduction.
+    Decline {
+        /// The introduction answered.
+        session: SessionId,
+    },
+}
+
+/// Why the rendezvous could not introduce a viewer to a camera.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The camera is unknown or this viewer may not view it. Both cases get this same
+    /// answer, so that IDs cannot be probed.
+    Unavailable,
+    /// The camera is known, this viewer is allowed, but it is not connected now.
+    Offline {
+        /// Seconds since it was last connected.
+        last_seen_secs: u64,
+    },
+    /// The camera did not answer the introduction in time.
+    Timeout,
+    /// The camera declined (its own access list said no).
+    Declined,
+    /// Too many requests: wait before asking again.
+    RateLimited {
+        /// Suggested wait in milliseconds.
+        retry_after_ms: u64,
+    },
+    /// The request is not valid for this peer's role or state.
+    BadRequest,
+}
+
+/// Messages from the rendezvous to a camera or viewer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromRendezvous {
+    /// Camera: you are registered.
+    Registered {
+        /// Your address as the rendezvous sees it (server-reflexive candidate).
+        observed: SocketAddr,
+    },
+    /// Camera: a viewer wants to connect; punch towards it, then `Accept`.
+    Introduce {
+        /// This introduction.
+        session: SessionId,
+        /// The viewer, as named in its certificate.
+        viewer: ViewerId,
+        /// The viewer's address as the rendezvous sees it.
+        viewer_observed: SocketAddr,
+        /// The viewer's host candidates.
+        viewer_local: Vec<SocketAddr>,
+        /// Round-trip time rendezvous↔viewer, microseconds.
+        viewer_rtt_us: u64,
+    },
+    /// Viewer: the camera is ready; dial it now.
+    PeerReady {
+        /// This introduction.
+        session: SessionId,
+        /// The camera's address as the rendezvous sees it.
+        camera_observed: SocketAddr,
+        /// The camera's host candidates.
+        camera_local: Vec<SocketAddr>,
+        /// Round-trip time rendezvous↔camera, microseconds.
+        camera_rtt_us: u64,
+    },
+    /// Viewer: the introduction failed.
+    Refused {
+        /// Why.
+        reason: Refusal,
+    },
+    /// Any: the previous request was malformed or not allowed for your role.
+    Error {
+        /// A sentence for logs.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode, encode};
+
+    fn samples() -> Vec<ToRendezvous> {
+        let viewer = ViewerId::new("alice").expect("id");
+        vec![
+            ToRendezvous::Register {
+                local_addrs: vec!["198.19.1.2:4000".parse().expect("addr")],
+                access: vec![viewer],
+                caps: Capabilities {
+                    codecs: vec!["h264".into()],
+                    version: 1,
+                },
+            },
+            ToRendezvous::Connect {
+                camera: CameraId::new("cam-1").expect("id"),
+                local_addrs: vec![],
+            },
+            ToRendezvous::Accept {
+                session: SessionId([7; 16]),
+                local_addrs: vec!["[::1]:5".parse().expect("addr")],
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip() {
+        for msg in samples() {
+            let bytes = encode(&msg).expect("encode");
+            assert_eq!(decode::<ToRendezvous>(&bytes[4..]).expect("decode"), msg);
+        }
+        let reply = FromRendezvous::Refused {
+            reason: Refusal::Offline { last_seen_secs: 9 },
+        };
+        let bytes = encode(&reply).expect("encode");
+        assert_eq!(
+            decode::<FromRendezvous>(&bytes[4..]).expect("decode"),
+            reply
+        );
+    }
+
+    /// Renaming a Rust identifier must not silently change the wire.
+    #[test]
+    fn golden_bytes() {
+        let msg = ToRendezvous::Connect {
+            camera: CameraId::new("cam-1").expect("id"),
+            local_addrs: vec!["198.19.1.2:4000".parse().expect("addr")],
+        };
+        let hex: String = encode(&msg)
+            .expect("encode")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, GOLDEN_CONNECT);
+        let refused = FromRendezvous::Refused {
+            reason: Refusal::Unavailable,
+        };
+        let hex: String = encode(&refused)
+            .expect("encode")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, GOLDEN_REFUSED);
+    }
+
+    const GOLDEN_CONNECT: &str = "00000032a167436f6e6e656374a26663616d6572616563616d2d316b6c6f63616c5f616464727381a1625634828418c6130102190fa0";
+    const GOLDEN_REFUSED: &str =
+        "0000001da16752656675736564a166726561736f6e6b556e617661696c61626c65";
+
+    #[test]
+    fn invalid_ids_in_messages_are_refused() {
+        let msg = ToRendezvous::Connect {
+            camera: CameraId::new("cam-1").expect("id"),
+            local_addrs: vec![],
+        };
+        let mut bytes = encode(&msg).expect("encode");
+        let pos = bytes
+            .windows(5)
+            .position(|w| w == b"cam-1")
+            .expect("id present");
+        bytes[pos] = b'C'; // upper case: not a valid ID
+        assert!(decode::<ToRendezvous>(&bytes[4..]).is_err());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let good = encode(&samples()[0]).expect("encode");
+        for i in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut buf = good[4..].to_vec();
+            if i % 2 == 0 {
+                // mutate a valid message
+                let idx = (seed as usize) % buf.len();
+                buf[idx] = (seed >> 32) as u8;
+                buf.truncate(((seed >> 40) as usize) % (buf.len() + 1));
+            } else {
+                buf = (0..(seed % 64)).map(|k| (seed >> (k % 56)) as u8).collect();
+            }
+            let _ = decode::<ToRendezvous>(&buf);
+            let _ = decode::<FromRendezvous>(&buf);
+        }
+    }
+}
