@@ -1,0 +1,138 @@
+//! The rendezvous' file configuration (TOML), kept apart from the runtime [`Config`].
+//!
+//! Every field is optional in the file; flags and environment variables override it (see
+//! `main.rs`). [`FileConfig::resolve`] loads the certificates and produces the runtime
+//! configuration, naming the file and setting of anything wrong.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use peercam_certs::Role;
+use peercam_common::tls::{Credentials, TlsError, Trust};
+use serde::Deserialize;
+
+use crate::server::{Config, Limits};
+
+/// Default UDP port of a rendezvous.
+pub const DEFAULT_PORT: u16 = 7400;
+
+/// The TOML file, as written by an operator.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// UDP address to listen on (default `0.0.0.0:7400`).
+    pub listen: Option<SocketAddr>,
+    /// The deployment CA certificate.
+    pub ca: Option<PathBuf>,
+    /// This rendezvous' certificate.
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    pub key: Option<PathBuf>,
+    /// Seconds a viewer waits for a camera to answer an introduction.
+    pub intro_timeout_secs: Option<u64>,
+    /// Most concurrent connections.
+    pub max_connections: Option<usize>,
+    /// Lookups per second one viewer may sustain.
+    pub lookup_rate: Option<f64>,
+    /// Lookups one viewer may make in a burst.
+    pub lookup_burst: Option<f64>,
+}
+
+/// Errors in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped settings.
+    #[error("bad config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What and where (line and column).
+        message: String,
+    },
+    /// A required setting is missing.
+    #[error("no {0} given: set `{0} = \"...\"` in the config file or pass --{0}")]
+    Missing(&'static str),
+    /// Certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text (`path` only names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Loads certificates and builds the runtime configuration.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let ca = self.ca.as_ref().ok_or(ConfigError::Missing("ca"))?;
+        let cert = self.cert.as_ref().ok_or(ConfigError::Missing("cert"))?;
+        let key = self.key.as_ref().ok_or(ConfigError::Missing("key"))?;
+        let mut limits = Limits::default();
+        if let Some(s) = self.intro_timeout_secs {
+            limits.intro_timeout = Duration::from_secs(s.max(1));
+        }
+        if let Some(n) = self.max_connections {
+            limits.max_connections = n;
+        }
+        if let Some(r) = self.lookup_rate {
+            limits.registry.lookup_rate = r.max(0.01);
+        }
+        if let Some(b) = self.lookup_burst {
+            limits.registry.lookup_burst = b.max(1.0);
+        }
+        Ok(Config {
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
+            credentials: Credentials::load(cert, key, Role::Rendezvous)?,
+            trust: Trust::load(ca)?,
+            limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_setting_names_file_and_line() {
+        let err = FileConfig::parse(
+            "listen = \"0.0.0.0:1\"\nlisten_port = 3\n",
+            Path::new("r.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("r.toml"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn missing_certificate_is_named() {
+        let err = FileConfig::default().resolve().unwrap_err().to_string();
+        assert!(err.contains("--ca"), "{err}");
+    }
+}

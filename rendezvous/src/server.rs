@@ -1,0 +1,538 @@
+//! The rendezvous server: accepts mutual-TLS QUIC connections, runs one session per
+//! camera or viewer, and brokers introductions between them.
+//!
+//! Owns tasks, sockets and timeouts; every decision about who may register or look up what
+//! is delegated to [`Registry`]. Shutdown: cancel, stop accepting, close every connection
+//! with [`close::SHUTDOWN`] so peers reconnect, wait for the close to go out, abort the rest.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use peercam_certs::Role;
+use peercam_common::frame::{self, FrameError};
+use peercam_common::rdv::{
+    close, FromRendezvous, Refusal, ToRendezvous, ALPN, MAX_ACCESS_LIST, MAX_LOCAL_ADDRS,
+};
+use peercam_common::tls::{self, peer_identity, Credentials, PeerIdentity, Trust};
+use peercam_common::{quic, CameraId, SessionId, ViewerId};
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::registry::{ConnId, Online, RegisterError, Registry, RegistryLimits};
+
+/// Limits and timeouts of the server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Registry rules (pins, rate limits).
+    pub registry: RegistryLimits,
+    /// How long a viewer waits for the camera to answer an introduction.
+    pub intro_timeout: Duration,
+    /// Most concurrent connections.
+    pub max_connections: usize,
+    /// How long a peer has to complete the handshake and send its first message.
+    pub first_message_timeout: Duration,
+    /// How long shutdown waits for close frames to reach peers.
+    pub drain: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            registry: RegistryLimits::default(),
+            intro_timeout: Duration::from_secs(5),
+            max_connections: 250_000,
+            first_message_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// The rendezvous' certificate and key.
+    pub credentials: Credentials,
+    /// The deployment CA and deny list.
+    pub trust: Trust,
+    /// Limits and timeouts.
+    pub limits: Limits,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running rendezvous server.
+#[derive(Debug)]
+pub struct Handle {
+    local_addr: SocketAddr,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Asks the server to shut down (returns at once; see [`Handle::join`]).
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until the server has shut down.
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+
+    /// Number of cameras online now.
+    pub fn cameras_online(&self) -> usize {
+        self.shared.registry().online_count()
+    }
+}
+
+struct CameraLink {
+    tx: mpsc::Sender<FromRendezvous>,
+    conn: quinn::Connection,
+}
+
+enum Answer {
+    Accepted(Vec<SocketAddr>),
+    Declined,
+}
+
+struct Pending {
+    camera_conn: ConnId,
+    reply: oneshot::Sender<Answer>,
+}
+
+struct Shared {
+    registry: Mutex<Registry>,
+    cameras: Mutex<HashMap<ConnId, CameraLink>>,
+    pending: Mutex<HashMap<SessionId, Pending>>,
+    next_conn: AtomicU64,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the maps half-updated in a way
+    // that matters more than stopping the whole server would; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        lock(&self.registry)
+    }
+}
+
+/// Starts a rendezvous server.
+pub async fn start(config: Config) -> Result<Handle, StartError> {
+    let tls = tls::server_config(
+        &config.credentials,
+        &config.trust,
+        &[Role::Camera, Role::Viewer],
+        ALPN,
+    )?;
+    let server = quic::quic_server(tls, quic::rendezvous_transport())?;
+    let endpoint =
+        quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let shared = Arc::new(Shared {
+        registry: Mutex::new(Registry::new(config.limits.registry.clone())),
+        cameras: Mutex::default(),
+        pending: Mutex::default(),
+        next_conn: AtomicU64::new(1),
+        limits: config.limits,
+    });
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(
+        accept_loop(endpoint, shared.clone(), cancel.clone())
+            .instrument(info_span!("rendezvous", listen = %local_addr)),
+    );
+    info!(%local_addr, "rendezvous listening");
+    Ok(Handle {
+        local_addr,
+        cancel,
+        task,
+        shared,
+    })
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                if tasks.len() >= shared.limits.max_connections {
+                    warn!(remote = %incoming.remote_address(), "connection limit reached, refusing");
+                    incoming.refuse();
+                    continue;
+                }
+                let remote = incoming.remote_address();
+                tasks.spawn(
+                    handle_incoming(incoming, shared.clone(), cancel.clone())
+                        .instrument(info_span!("conn", %remote)),
+                );
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    info!("shutting down: closing connections");
+    endpoint.close(
+        VarInt::from_u32(close::SHUTDOWN),
+        b"rendezvous shutting down",
+    );
+    let _ = tokio::time::timeout(shared.limits.drain, endpoint.wait_idle()).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    info!("rendezvous stopped");
+}
+
+fn close_conn(conn: &quinn::Connection, code: u32, reason: &str) {
+    conn.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let limit = shared.limits.first_message_timeout;
+    let conn = match tokio::time::timeout(limit, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            warn!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            warn!("handshake timed out");
+            return;
+        }
+    };
+    let Some(peer) = peer_identity(&conn) else {
+        close_conn(&conn, close::WRONG_ROLE, "no peercam identity");
+        return;
+    };
+    let streams = tokio::time::timeout(limit, conn.accept_bi()).await;
+    let Ok(Ok((send, recv))) = streams else {
+        debug!("no control stream opened");
+        close_conn(&conn, close::PROTOCOL, "expected a control stream");
+        return;
+    };
+    let id = peer.identity.id.clone();
+    match peer.identity.role {
+        Role::Camera => {
+            camera_session(conn, peer, send, recv, shared, cancel)
+                .instrument(info_span!("camera", camera = %id))
+                .await
+        }
+        Role::Viewer => {
+            viewer_session(conn, peer, send, recv, shared, cancel)
+                .instrument(info_span!("viewer", viewer = %id))
+                .await
+        }
+        Role::Rendezvous => close_conn(&conn, close::WRONG_ROLE, "rendezvous may not connect"),
+    }
+}
+
+fn check_addrs(addrs: &[SocketAddr]) -> Result<(), String> {
+    if addrs.len() > MAX_LOCAL_ADDRS {
+        return Err(format!("more than {MAX_LOCAL_ADDRS} local addresses"));
+    }
+    Ok(())
+}
+
+async fn camera_session(
+    conn: quinn::Connection,
+    peer: PeerIdentity,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let Ok(camera) = CameraId::new(&peer.identity.id) else {
+        return close_conn(&conn, close::WRONG_ROLE, "bad camera id");
+    };
+    let first = tokio::time::timeout(shared.limits.first_message_timeout, frame::read(&mut recv));
+    let (local_addrs, access) = match first.await {
+        Ok(Ok(Some(ToRendezvous::Register {
+            local_addrs,
+            access,
+            ..
+        }))) if access.len() <= MAX_ACCESS_LIST && check_addrs(&local_addrs).is_ok() => {
+            (local_addrs, access)
+        }
+        _ => return close_conn(&conn, close::PROTOCOL, "expected Register"),
+    };
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let observed = conn.remote_address();
+    let registered = shared.registry().register(
+        Instant::now(),
+        &camera,
+        peer.key,
+        access.into_iter().collect(),
+        Online {
+            conn: conn_id,
+            observed,
+            local: local_addrs,
+        },
+    );
+    match registered {
+        Ok(Some(old)) => {
+            if let Some(link) = lock(&shared.cameras).remove(&old) {
+                close_conn(
+                    &link.conn,
+                    close::REPLACED,
+                    "replaced by a newer connection",
+                );
+            }
+        }
+        Ok(None) => {}
+        Err(RegisterError::IdTaken) => {
+            warn!(key = %peer.key, "refused: camera ID is held by another key");
+            let _ = frame::write(
+                &mut send,
+                &FromRendezvous::Error {
+                    message: format!("camera ID {camera} is registered with another key"),
+                },
+            )
+            .await;
+            let _ = send.finish();
+            return close_conn(&conn, close::ID_TAKEN, "camera ID held by another key");
+        }
+        Err(RegisterError::Full) => return close_conn(&conn, close::BUSY, "registry full"),
+    }
+    let (tx, mut rx) = mpsc::channel::<FromRendezvous>(32);
+    lock(&shared.cameras).insert(
+        conn_id,
+        CameraLink {
+            tx: tx.clone(),
+            conn: conn.clone(),
+        },
+    );
+    info!(%observed, "camera registered");
+    let _ = tx.try_send(FromRendezvous::Registered { observed });
+    // The writer owns the send half; introductions queue behind the bounded channel.
+    let _writer = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if frame::write(&mut send, &msg).await.is_err() {
+                break;
+            }
+        }
+    }));
+    drop(tx);
+    let reason = loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break "shutdown",
+            msg = frame::read::<ToRendezvous, _>(&mut recv) => msg,
+        };
+        match msg {
+            Ok(Some(msg)) => {
+                if let Err(why) = camera_message(&shared, &camera, conn_id, msg) {
+                    close_conn(&conn, close::PROTOCOL, why);
+                    break why;
+                }
+            }
+            Ok(None) => break "stream closed",
+            Err(FrameError::Io(_)) => break "connection lost",
+            Err(e) => {
+                warn!(error = %e, "malformed message from camera");
+                close_conn(&conn, close::PROTOCOL, "malformed message");
+                break "malformed message";
+            }
+        }
+    };
+    lock(&shared.cameras).remove(&conn_id);
+    shared
+        .registry()
+        .unregister(Instant::now(), &camera, conn_id);
+    info!(reason, "camera unregistered");
+}
+
+fn camera_message(
+    shared: &Shared,
+    camera: &CameraId,
+    conn_id: ConnId,
+    msg: ToRendezvous,
+) -> Result<(), &'static str> {
+    match msg {
+        ToRendezvous::Accept {
+            session,
+            local_addrs,
+        } => {
+            check_addrs(&local_addrs).map_err(|_| "too many addresses")?;
+            answer(shared, conn_id, session, Answer::Accepted(local_addrs));
+        }
+        ToRendezvous::Decline { session } => answer(shared, conn_id, session, Answer::Declined),
+        ToRendezvous::SetAccess { access } => {
+            if access.len() > MAX_ACCESS_LIST {
+                return Err("access list too long");
+            }
+            shared
+                .registry()
+                .set_access(camera, conn_id, access.into_iter().collect());
+        }
+        ToRendezvous::Register { .. } | ToRendezvous::Connect { .. } => {
+            return Err("unexpected message for a camera")
+        }
+    }
+    Ok(())
+}
+
+fn answer(shared: &Shared, conn_id: ConnId, session: SessionId, answer: Answer) {
+    let mut pending = lock(&shared.pending);
+    // Only the camera that was asked may answer.
+    if pending
+        .get(&session)
+        .is_some_and(|p| p.camera_conn == conn_id)
+    {
+        if let Some(p) = pending.remove(&session) {
+            let _ = p.reply.send(answer);
+        }
+    }
+}
+
+async fn viewer_session(
+    conn: quinn::Connection,
+    peer: PeerIdentity,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let Ok(viewer) = ViewerId::new(&peer.identity.id) else {
+        return close_conn(&conn, close::WRONG_ROLE, "bad viewer id");
+    };
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return,
+            msg = frame::read::<ToRendezvous, _>(&mut recv) => msg,
+        };
+        let reply = match msg {
+            Ok(Some(ToRendezvous::Connect {
+                camera,
+                local_addrs,
+            })) if check_addrs(&local_addrs).is_ok() => {
+                introduce(&shared, &conn, &viewer, camera, local_addrs).await
+            }
+            Ok(None) | Err(FrameError::Io(_)) => return,
+            Ok(Some(_)) | Err(_) => {
+                warn!("malformed or unexpected message from viewer");
+                return close_conn(&conn, close::PROTOCOL, "expected Connect");
+            }
+        };
+        if frame::write(&mut send, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn introduce(
+    shared: &Shared,
+    viewer_conn: &quinn::Connection,
+    viewer: &ViewerId,
+    camera: CameraId,
+    viewer_local: Vec<SocketAddr>,
+) -> FromRendezvous {
+    let looked_up = shared.registry().lookup(Instant::now(), viewer, &camera);
+    let online = match looked_up {
+        Ok(online) => online,
+        Err(reason) => {
+            debug!(%camera, ?reason, "connect refused");
+            return FromRendezvous::Refused { reason };
+        }
+    };
+    let link = lock(&shared.cameras)
+        .get(&online.conn)
+        .map(|l| (l.tx.clone(), l.conn.clone()));
+    let Some((tx, camera_conn)) = link else {
+        return FromRendezvous::Refused {
+            reason: Refusal::Offline { last_seen_secs: 0 },
+        };
+    };
+    let session = SessionId::random();
+    let (reply, answer) = oneshot::channel();
+    lock(&shared.pending).insert(
+        session,
+        Pending {
+            camera_conn: online.conn,
+            reply,
+        },
+    );
+    let intro = FromRendezvous::Introduce {
+        session,
+        viewer: viewer.clone(),
+        viewer_observed: viewer_conn.remote_address(),
+        viewer_local,
+        viewer_rtt_us: viewer_conn.rtt().as_micros() as u64,
+    };
+    let outcome = if tx.try_send(intro).is_ok() {
+        tokio::time::timeout(shared.limits.intro_timeout, answer)
+            .await
+            .ok()
+            .and_then(Result::ok)
+    } else {
+        None // the camera's queue is full: it is not keeping up
+    };
+    lock(&shared.pending).remove(&session);
+    match outcome {
+        Some(Answer::Accepted(camera_local)) => {
+            info!(%camera, %session, "introduced");
+            FromRendezvous::PeerReady {
+                session,
+                camera_observed: camera_conn.remote_address(),
+                camera_local,
+                camera_rtt_us: camera_conn.rtt().as_micros() as u64,
+            }
+        }
+        // The rendezvous already checked the access list; a camera that still declines
+        // gets the same answer as a forbidden one, so declines reveal nothing either.
+        Some(Answer::Declined) => FromRendezvous::Refused {
+            reason: Refusal::Unavailable,
+        },
+        None => {
+            info!(%camera, %session, "camera did not answer the introduction");
+            FromRendezvous::Refused {
+                reason: Refusal::Timeout,
+            }
+        }
+    }
+}
