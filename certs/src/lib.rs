@@ -5,6 +5,8 @@
 //! This crate is a leaf: it knows X.509 and PEM, not QUIC or the wire protocol. The
 //! identity format (`peercam://<role>/<id>` in a URI SAN) is defined here and nowhere else.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod ca;
 pub mod files;
 pub mod identity;

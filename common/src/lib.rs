@@ -4,6 +4,8 @@
 //!
 //! Nothing here owns a task or a socket loop; the programs do.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod backoff;
 pub mod frame;
 pub mod h264;

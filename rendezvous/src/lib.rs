@@ -5,6 +5,8 @@
 //! Library + thin binary: [`server::start`] takes a [`server::Config`] and returns a
 //! [`server::Handle`]; `main.rs` only parses flags and the config file ([`config`]).
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod config;
 pub mod registry;
 pub mod server;
