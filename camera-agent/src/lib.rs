@@ -1,1 +1,345 @@
-//! placeholder
+//! camera-agent: registers a camera with a rendezvous, accepts viewers that the camera's
+//! access list allows, and streams H.264 to them end to end over QUIC.
+//!
+//! One UDP socket, one quinn endpoint: the rendezvous connection (camera dials) and viewer
+//! connections (viewers dial the camera) share it, so the address the rendezvous observes
+//! is the one viewers reach. [`start`] takes a [`Config`] and returns a [`Handle`].
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod config;
+pub mod fanout;
+pub mod punch;
+mod rdv_client;
+mod serve;
+pub mod source;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use peercam_certs::Role;
+pub use peercam_common::net::RendezvousAddr;
+use peercam_common::tls::{self, Credentials, Expect, Trust};
+use peercam_common::{media, quic, rdv, SessionId, ViewerId};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::fanout::Fanout;
+pub use crate::source::SourceSpec;
+
+/// Default cap on concurrent viewers.
+pub const DEFAULT_MAX_VIEWERS: usize = 8;
+/// Default latency budget: a GOP still unsent after this long is abandoned.
+pub const DEFAULT_LATENCY_BUDGET: Duration = Duration::from_millis(1500);
+/// How long an introduction stays valid for the viewer to connect.
+pub const SESSION_TTL: Duration = Duration::from_secs(15);
+/// Most introductions waiting for their viewer at once.
+pub const MAX_PENDING_SESSIONS: usize = 64;
+
+/// Runtime configuration of the agent.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Local UDP address (port 0 picks one).
+    pub bind: SocketAddr,
+    /// Rendezvous servers, tried in order (failover).
+    pub rendezvous: Vec<RendezvousAddr>,
+    /// The camera's certificate and key.
+    pub credentials: Credentials,
+    /// The deployment CA and deny list.
+    pub trust: Trust,
+    /// Viewers allowed to watch.
+    pub access: Vec<ViewerId>,
+    /// Where the video comes from.
+    pub source: SourceSpec,
+    /// Most viewers at once.
+    pub max_viewers: usize,
+    /// Latency budget per viewer.
+    pub latency_budget: Duration,
+    /// First reconnect delay ceiling.
+    pub backoff_base: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but identity, servers and source.
+    pub fn new(
+        credentials: Credentials,
+        trust: Trust,
+        rendezvous: Vec<RendezvousAddr>,
+        source: SourceSpec,
+    ) -> Self {
+        Config {
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            rendezvous,
+            credentials,
+            trust,
+            access: Vec::new(),
+            source,
+            max_viewers: DEFAULT_MAX_VIEWERS,
+            latency_budget: DEFAULT_LATENCY_BUDGET,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// No rendezvous configured.
+    #[error(
+        "no rendezvous address configured: set `rendezvous = [\"host:port\"]` or pass --rendezvous"
+    )]
+    NoRendezvous,
+}
+
+/// Registration state, for status displays and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Address the current rendezvous observed, while registered.
+    pub registered: Option<SocketAddr>,
+    /// Registrations so far (a re-registration after a rendezvous restart adds one).
+    pub registrations: u64,
+    /// Last error from the rendezvous, in words.
+    pub last_error: Option<String>,
+    /// Viewers connected now.
+    pub viewers: usize,
+}
+
+#[derive(Debug)]
+struct PendingSession {
+    viewer: ViewerId,
+    expires: Instant,
+}
+
+/// State shared by the agent's tasks.
+#[derive(Debug)]
+pub(crate) struct State {
+    access: RwLock<HashSet<ViewerId>>,
+    sessions: Mutex<HashMap<SessionId, PendingSession>>,
+    fanout: Arc<Fanout>,
+    status: watch::Sender<Status>,
+    source_ended: CancellationToken,
+    max_viewers: usize,
+    latency_budget: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl State {
+    pub(crate) fn allowed(&self, viewer: &ViewerId) -> bool {
+        self.access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(viewer)
+    }
+
+    fn access_list(&self) -> Vec<ViewerId> {
+        let mut v: Vec<_> = self
+            .access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Remembers an accepted introduction; false if too many are pending.
+    pub(crate) fn expect_session(
+        &self,
+        now: Instant,
+        session: SessionId,
+        viewer: ViewerId,
+    ) -> bool {
+        let mut s = lock(&self.sessions);
+        s.retain(|_, p| p.expires > now);
+        if s.len() >= MAX_PENDING_SESSIONS {
+            return false;
+        }
+        s.insert(
+            session,
+            PendingSession {
+                viewer,
+                expires: now + SESSION_TTL,
+            },
+        );
+        true
+    }
+
+    /// Consumes a session: valid once, for the viewer it was made for, before it expires.
+    pub(crate) fn take_session(
+        &self,
+        now: Instant,
+        session: &SessionId,
+        viewer: &ViewerId,
+    ) -> bool {
+        let mut s = lock(&self.sessions);
+        match s.get(session) {
+            Some(p) if &p.viewer == viewer && p.expires > now => {
+                s.remove(session);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Handle {
+    local_addr: SocketAddr,
+    cancel: CancellationToken,
+    status: watch::Receiver<Status>,
+    task: tokio::task::JoinHandle<()>,
+    state: Arc<State>,
+}
+
+impl Handle {
+    /// The agent's UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Current registration state.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Replaces the access list (takes effect for new viewers at once, and is sent to the
+    /// rendezvous on the next registration).
+    pub fn set_access(&self, access: Vec<ViewerId>) {
+        *self.state.access.write().unwrap_or_else(|p| p.into_inner()) =
+            access.into_iter().collect();
+    }
+
+    /// Asks the agent to stop.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until the agent has stopped.
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the agent: binds the socket, starts the source, registers, serves viewers.
+pub async fn start(config: Config) -> Result<Handle, StartError> {
+    if config.rendezvous.is_empty() {
+        return Err(StartError::NoRendezvous);
+    }
+    let creds = &config.credentials;
+    let media_tls = tls::server_config(creds, &config.trust, &[Role::Viewer], media::ALPN)?;
+    let mut media_transport = quic::media_transport(None);
+    // Writes block once this much is queued, so a stalled viewer shows up as a timeout.
+    media_transport.send_window(4 * 1024 * 1024);
+    let server = quic::quic_server(media_tls, media_transport)?;
+    let rdv_tls = tls::client_config(creds, &config.trust, Expect::Rendezvous, rdv::ALPN)?;
+    let rdv_client = quic::quic_client(rdv_tls, quic::rendezvous_transport())?;
+    let shared =
+        quic::bind_endpoint(config.bind, Some(server)).map_err(|source| StartError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+    let local_addr = shared
+        .endpoint
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+    let (status_tx, status_rx) = watch::channel(Status::default());
+    let state = Arc::new(State {
+        access: RwLock::new(config.access.iter().cloned().collect()),
+        sessions: Mutex::default(),
+        fanout: Arc::new(Fanout::new()),
+        status: status_tx,
+        source_ended: CancellationToken::new(),
+        max_viewers: config.max_viewers,
+        latency_budget: config.latency_budget,
+    });
+    let cancel = CancellationToken::new();
+    let camera = creds.identity.id.clone();
+    let span = info_span!("camera", camera = %camera);
+    let task = tokio::spawn(
+        run(config, shared, rdv_client, state.clone(), cancel.clone()).instrument(span),
+    );
+    info!(%local_addr, camera = %camera, "camera-agent started");
+    Ok(Handle {
+        local_addr,
+        cancel,
+        status: status_rx,
+        task,
+        state,
+    })
+}
+
+async fn run(
+    config: Config,
+    shared: quic::SharedEndpoint,
+    rdv_client: quinn::ClientConfig,
+    state: Arc<State>,
+    cancel: CancellationToken,
+) {
+    let endpoint = shared.endpoint.clone();
+    let mut tasks = JoinSet::new();
+    let source_state = state.clone();
+    let source_cancel = cancel.clone();
+    tasks.spawn(async move {
+        let fanout = source_state.fanout.clone();
+        if let Err(e) = source::run(config.source.clone(), fanout, source_cancel).await {
+            warn!(error = %e, "video source failed");
+        }
+        source_state.source_ended.cancel();
+    });
+    tasks.spawn(rdv_client::run(
+        rdv_client::Client {
+            endpoint: shared.endpoint.clone(),
+            punch: shared.punch.clone(),
+            config: rdv_client,
+            targets: config.rendezvous.clone(),
+            backoff: peercam_common::backoff::Backoff::new(config.backoff_base, config.backoff_max),
+        },
+        state.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(serve::accept_loop(
+        shared.endpoint.clone(),
+        state.clone(),
+        cancel.clone(),
+    ));
+    cancel.cancelled().await;
+    info!("shutting down");
+    endpoint.close(
+        quinn::VarInt::from_u32(media::close::SHUTDOWN),
+        b"camera shutting down",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}

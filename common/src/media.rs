@@ -157,6 +157,10 @@ impl GopHeader {
 /// Frame flag: the frame is an IDR (a decoder can start here).
 pub const FLAG_KEYFRAME: u8 = 0x01;
 
+/// Frame flag: the frame comes from the camera's GOP cache (sent at once to a new viewer,
+/// so its age says nothing about the link's latency).
+pub const FLAG_CACHED: u8 = 0x02;
+
 /// The fixed header in front of each frame on a GOP stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
@@ -205,6 +209,11 @@ impl FrameHeader {
     /// Whether the frame is a keyframe.
     pub fn is_keyframe(&self) -> bool {
         self.flags & FLAG_KEYFRAME != 0
+    }
+
+    /// Whether the frame was sent from the camera's GOP cache.
+    pub fn is_cached(&self) -> bool {
+        self.flags & FLAG_CACHED != 0
     }
 }
 

@@ -1,6 +1,55 @@
 //! Host candidates: the local addresses a peer announces for LAN connections.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+
+/// A rendezvous server to dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RendezvousAddr {
+    /// UDP address.
+    pub addr: SocketAddr,
+    /// Name its certificate must be valid for (DNS name or IP).
+    pub server_name: String,
+}
+
+/// Why a rendezvous address could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("bad rendezvous address {value:?}: {why}")]
+pub struct AddrError {
+    /// The text given.
+    pub value: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+impl RendezvousAddr {
+    /// Parses `host:port` (resolving a DNS name); the host is the name the rendezvous'
+    /// certificate must carry.
+    pub fn parse(s: &str) -> Result<Self, AddrError> {
+        let bad = |why: String| AddrError {
+            value: s.to_string(),
+            why,
+        };
+        let (host, _) = s
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected host:port, e.g. rdv.example.com:7400".into()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addr = s
+            .to_socket_addrs()
+            .map_err(|e| bad(format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| bad("name resolves to no address".into()))?;
+        Ok(RendezvousAddr {
+            addr,
+            server_name: host.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for RendezvousAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.addr)
+    }
+}
 
 /// The addresses a socket bound to `bound` can be reached at on the local networks.
 ///
@@ -34,6 +83,15 @@ fn is_link_local_v6(ip: &IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rendezvous_name_is_the_host() {
+        let r = RendezvousAddr::parse("127.0.0.1:7400").unwrap();
+        assert_eq!(r.server_name, "127.0.0.1");
+        assert_eq!(r.addr.port(), 7400);
+        let err = RendezvousAddr::parse("nohost").unwrap_err().to_string();
+        assert!(err.contains("host:port"), "{err}");
+    }
 
     #[test]
     fn bound_address_is_announced_as_is() {

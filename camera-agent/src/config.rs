@@ -1,0 +1,205 @@
+//! camera-agent's file configuration (TOML), kept apart from the runtime [`Config`].
+//!
+//! Flags and environment variables override the file (see `main.rs`);
+//! [`FileConfig::resolve`] loads certificates, resolves rendezvous names and names the file
+//! and setting of anything wrong.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use peercam_certs::Role;
+use peercam_common::tls::{Credentials, TlsError, Trust};
+use peercam_common::ViewerId;
+use serde::Deserialize;
+
+use crate::{Config, RendezvousAddr, SourceSpec};
+
+/// The TOML file, as written by an installer.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Local UDP address (default `0.0.0.0:0`).
+    pub bind: Option<SocketAddr>,
+    /// Rendezvous servers as `host:port`, tried in order.
+    #[serde(default)]
+    pub rendezvous: Vec<String>,
+    /// The deployment CA certificate.
+    pub ca: Option<PathBuf>,
+    /// This camera's certificate.
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    pub key: Option<PathBuf>,
+    /// Viewer IDs allowed to watch.
+    #[serde(default)]
+    pub access: Vec<String>,
+    /// `stdin`, `file:PATH` or a path to an Annex B file.
+    pub source: Option<String>,
+    /// Loop a file source.
+    #[serde(rename = "loop")]
+    pub looped: Option<bool>,
+    /// Frame rate of a file source (default: from the stream, else 25).
+    pub fps: Option<f64>,
+    /// Most viewers at once.
+    pub max_viewers: Option<usize>,
+    /// Latency budget in milliseconds.
+    pub latency_budget_ms: Option<u64>,
+}
+
+/// Errors in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped settings.
+    #[error("bad config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What and where (line and column).
+        message: String,
+    },
+    /// A required setting is missing.
+    #[error("no {0} given: set it in the config file or pass --{0}")]
+    Missing(&'static str),
+    /// A setting has a bad value.
+    #[error("bad {setting} {value:?}: {why}")]
+    Bad {
+        /// The setting.
+        setting: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text (`path` only names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Loads certificates, resolves addresses, builds the runtime configuration.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let ca = self.ca.as_ref().ok_or(ConfigError::Missing("ca"))?;
+        let cert = self.cert.as_ref().ok_or(ConfigError::Missing("cert"))?;
+        let key = self.key.as_ref().ok_or(ConfigError::Missing("key"))?;
+        if self.rendezvous.is_empty() {
+            return Err(ConfigError::Missing("rendezvous"));
+        }
+        let rendezvous = self
+            .rendezvous
+            .iter()
+            .map(|r| parse_rendezvous(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let source = parse_source(
+            self.source
+                .as_deref()
+                .ok_or(ConfigError::Missing("source"))?,
+            self.looped.unwrap_or(true),
+            self.fps,
+        )?;
+        let mut config = Config::new(
+            Credentials::load(cert, key, Role::Camera)?,
+            Trust::load(ca)?,
+            rendezvous,
+            source,
+        );
+        config.access = self
+            .access
+            .iter()
+            .map(|v| {
+                ViewerId::new(v).map_err(|e| ConfigError::Bad {
+                    setting: "access",
+                    value: v.clone(),
+                    why: e.to_string(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        if let Some(bind) = self.bind {
+            config.bind = bind;
+        }
+        if let Some(n) = self.max_viewers {
+            config.max_viewers = n;
+        }
+        if let Some(ms) = self.latency_budget_ms {
+            config.latency_budget = Duration::from_millis(ms.max(50));
+        }
+        Ok(config)
+    }
+}
+
+/// Parses `host:port` into an address and the name its certificate must carry.
+pub fn parse_rendezvous(s: &str) -> Result<RendezvousAddr, ConfigError> {
+    RendezvousAddr::parse(s).map_err(|e| ConfigError::Bad {
+        setting: "rendezvous",
+        value: e.value,
+        why: e.why,
+    })
+}
+
+/// Parses a source: `stdin`, `-`, `file:PATH` or `PATH`.
+pub fn parse_source(s: &str, looped: bool, fps: Option<f64>) -> Result<SourceSpec, ConfigError> {
+    if let Some(f) = fps.filter(|f| !(f.is_finite() && *f > 0.0 && *f <= 1000.0)) {
+        return Err(ConfigError::Bad {
+            setting: "fps",
+            value: f.to_string(),
+            why: "must be between 0 and 1000".into(),
+        });
+    }
+    match s {
+        "stdin" | "-" => Ok(SourceSpec::Stdin),
+        _ if s.contains("://") => Err(ConfigError::Bad {
+            setting: "source",
+            value: s.to_string(),
+            why: "URL sources are not supported yet: use a file, or pipe into stdin".into(),
+        }),
+        _ => Ok(SourceSpec::File {
+            path: PathBuf::from(s.strip_prefix("file:").unwrap_or(s)),
+            looped,
+            fps,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_are_named() {
+        let err = FileConfig::parse("access = [\"a\"]\nsorce = \"x\"\n", Path::new("cam.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cam.toml") && err.contains("line 2") && err.contains("sorce"),
+            "{err}"
+        );
+        let err = parse_rendezvous("nohost").unwrap_err().to_string();
+        assert!(err.contains("host:port"), "{err}");
+        assert!(parse_source("x.h264", true, Some(-1.0)).is_err());
+        assert_eq!(parse_source("-", true, None).unwrap(), SourceSpec::Stdin);
+    }
+}

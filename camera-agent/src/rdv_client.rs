@@ -1,0 +1,207 @@
+//! The camera's side of the rendezvous protocol: register, stay registered, answer
+//! introductions.
+//!
+//! Reconnects after any loss with exponential backoff and full jitter, moving on to the
+//! next configured rendezvous when one cannot be reached. An introduction is checked
+//! against the camera's own access list before anything is sent to the viewer.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use peercam_common::backoff::Backoff;
+use peercam_common::frame;
+use peercam_common::rdv::{Capabilities, FromRendezvous, ToRendezvous};
+use peercam_common::{net, SessionId, ViewerId};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::punch;
+use crate::{RendezvousAddr, State};
+
+/// How long to wait for the handshake and the registration answer.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) struct Client {
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) punch: Arc<UdpSocket>,
+    pub(crate) config: quinn::ClientConfig,
+    pub(crate) targets: Vec<RendezvousAddr>,
+    pub(crate) backoff: Backoff,
+}
+
+/// How a registration session ended.
+enum Ended {
+    /// Never got registered: try the next rendezvous.
+    Failed(String),
+    /// Was registered, then lost the connection.
+    Lost(String),
+}
+
+pub(crate) async fn run(mut client: Client, state: Arc<State>, cancel: CancellationToken) {
+    let mut index = 0;
+    loop {
+        let target = client.targets[index % client.targets.len()].clone();
+        let ended = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ended = session(&client, &target, &state) => ended,
+        };
+        state.status.send_modify(|s| s.registered = None);
+        match ended {
+            Ended::Lost(why) => {
+                warn!(rendezvous = %target.addr, reason = %why, "lost the rendezvous, reconnecting");
+                client.backoff.reset();
+            }
+            Ended::Failed(why) => {
+                warn!(rendezvous = %target.addr, reason = %why, "cannot register");
+                state.status.send_modify(|s| s.last_error = Some(why));
+                index += 1;
+            }
+        }
+        let delay = client.backoff.next_delay(rand::random::<f64>());
+        debug!(?delay, "waiting before reconnecting");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> Ended {
+    let connecting =
+        match client
+            .endpoint
+            .connect_with(client.config.clone(), target.addr, &target.server_name)
+        {
+            Ok(c) => c,
+            Err(e) => return Ended::Failed(format!("cannot dial {}: {e}", target.addr)),
+        };
+    let conn = match tokio::time::timeout(REGISTER_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Ended::Failed(format!("handshake with {} failed: {e}", target.addr)),
+        Err(_) => return Ended::Failed(format!("{} did not answer", target.addr)),
+    };
+    let local = client
+        .endpoint
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return Ended::Failed(format!("cannot open control stream: {e}")),
+    };
+    let register = ToRendezvous::Register {
+        local_addrs: net::host_candidates(local),
+        access: state.access_list(),
+        caps: Capabilities {
+            codecs: vec!["h264".into()],
+            version: 1,
+        },
+    };
+    if let Err(e) = frame::write(&mut send, &register).await {
+        return Ended::Failed(format!("cannot register: {e}"));
+    }
+    let first = tokio::time::timeout(REGISTER_TIMEOUT, frame::read(&mut recv)).await;
+    match first {
+        Ok(Ok(Some(FromRendezvous::Registered { observed }))) => {
+            info!(rendezvous = %target.addr, %observed, "registered");
+            state.status.send_modify(|s| {
+                s.registered = Some(observed);
+                s.registrations += 1;
+                s.last_error = None;
+            });
+        }
+        Ok(Ok(Some(FromRendezvous::Error { message }))) => {
+            error!(rendezvous = %target.addr, %message, "registration refused");
+            return Ended::Failed(format!("registration refused: {message}"));
+        }
+        Ok(Ok(_)) | Ok(Err(_)) => {
+            let why = conn
+                .close_reason()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "unexpected answer".into());
+            return Ended::Failed(format!("registration failed: {why}"));
+        }
+        Err(_) => return Ended::Failed("no answer to registration".into()),
+    }
+    // Later punch rounds run here, owned by this session.
+    let mut punches = JoinSet::new();
+    loop {
+        while punches.try_join_next().is_some() {}
+        match frame::read::<FromRendezvous, _>(&mut recv).await {
+            Ok(Some(FromRendezvous::Introduce {
+                session,
+                viewer,
+                viewer_observed,
+                viewer_local,
+                ..
+            })) => {
+                let mut candidates = vec![viewer_observed];
+                candidates.extend(viewer_local);
+                let reply = introduce(
+                    client,
+                    state,
+                    local,
+                    session,
+                    viewer,
+                    &candidates,
+                    &mut punches,
+                );
+                if let Err(e) = frame::write(&mut send, &reply).await {
+                    return Ended::Lost(format!("cannot answer introduction: {e}"));
+                }
+            }
+            Ok(Some(other)) => debug!(?other, "ignoring unexpected message"),
+            Ok(None) => return Ended::Lost("rendezvous closed the stream".into()),
+            Err(e) => {
+                let why = conn
+                    .close_reason()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| e.to_string());
+                return Ended::Lost(why);
+            }
+        }
+    }
+}
+
+/// Answers one introduction: checks the access list, punches, accepts.
+fn introduce(
+    client: &Client,
+    state: &State,
+    local: SocketAddr,
+    session: SessionId,
+    viewer: ViewerId,
+    candidates: &[SocketAddr],
+    punches: &mut JoinSet<()>,
+) -> ToRendezvous {
+    if !state.allowed(&viewer) {
+        warn!(%viewer, "introduction for a viewer not on the access list: declined");
+        return ToRendezvous::Decline { session };
+    }
+    if !state.expect_session(Instant::now(), session, viewer.clone()) {
+        warn!(%viewer, "too many pending introductions: declined");
+        return ToRendezvous::Decline { session };
+    }
+    let targets = punch::targets(candidates, local);
+    // First round now, before the Accept leaves, so our NAT is open when the viewer's
+    // first packet arrives; later rounds cover a lost punch.
+    for addr in &targets {
+        let _ = client.punch.send_to(punch::PUNCH, addr);
+    }
+    let socket = client.punch.clone();
+    let later = targets.clone();
+    punches.spawn(async move {
+        let start = tokio::time::Instant::now();
+        for at in &punch::ROUNDS[1..] {
+            tokio::time::sleep_until(start + *at).await;
+            for addr in &later {
+                let _ = socket.send_to(punch::PUNCH, addr);
+            }
+        }
+    });
+    info!(%viewer, %session, targets = targets.len(), "introduction accepted");
+    ToRendezvous::Accept {
+        session,
+        local_addrs: net::host_candidates(local),
+    }
+}

@@ -1,0 +1,295 @@
+//! Serving viewers: accept their connections, check who they are, stream GOPs to them.
+//!
+//! A viewer must hold a viewer certificate from the deployment CA (checked in the TLS
+//! handshake), be on the access list, and present a session that the rendezvous introduced
+//! and this camera accepted (single use). Then it gets the stream parameters on the control
+//! stream and one unidirectional stream per GOP. A viewer that falls behind the latency
+//! budget loses the rest of the current GOP and resumes at the next keyframe; it never
+//! delays the source or the other viewers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use peercam_common::frame;
+use peercam_common::media::{close, FromCamera, GopHeader, ToCamera, FLAG_CACHED, RESET_STALE_GOP};
+use peercam_common::tls::peer_identity;
+use peercam_common::{unix_micros, ViewerId};
+use quinn::{SendStream, VarInt};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::fanout::Published;
+use crate::State;
+
+/// How long a viewer has to finish the handshake and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    state: Arc<State>,
+    cancel: CancellationToken,
+) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let remote = incoming.remote_address();
+                tasks.spawn(
+                    serve_viewer(incoming, state.clone(), cancel.clone())
+                        .instrument(info_span!("viewer_conn", %remote)),
+                );
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+fn deny(conn: &quinn::Connection, code: u32, why: &str) {
+    conn.close(VarInt::from_u32(code), why.as_bytes());
+}
+
+async fn serve_viewer(incoming: quinn::Incoming, state: Arc<State>, cancel: CancellationToken) {
+    let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return warn!(error = %e, "viewer handshake failed"),
+        Err(_) => return warn!("viewer handshake timed out"),
+    };
+    let Some(viewer) = peer_identity(&conn).and_then(|p| ViewerId::new(&p.identity.id).ok()) else {
+        return deny(&conn, close::PROTOCOL, "no viewer identity");
+    };
+    let span = info_span!("viewer", viewer = %viewer);
+    async {
+        if !state.allowed(&viewer) {
+            warn!("refused: not on the access list");
+            let why = format!("viewer {viewer} is not on this camera's access list");
+            return deny(&conn, close::ACCESS_DENIED, &why);
+        }
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
+            let (send, mut recv) = conn.accept_bi().await.ok()?;
+            match frame::read::<ToCamera, _>(&mut recv).await {
+                Ok(Some(ToCamera::Hello { session })) => Some((send, recv, session)),
+                _ => None,
+            }
+        })
+        .await;
+        let Ok(Some((mut send, recv, session))) = hello else {
+            return deny(&conn, close::PROTOCOL, "expected Hello");
+        };
+        if !state.take_session(Instant::now(), &session, &viewer) {
+            warn!(%session, "refused: unknown, used or expired session");
+            return deny(&conn, close::ACCESS_DENIED, "unknown or expired session");
+        }
+        let Some(_slot) = ViewerSlot::take(&state) else {
+            warn!("refused: too many viewers");
+            let _ = frame::write(
+                &mut send,
+                &FromCamera::Refused {
+                    message: format!("the camera already serves {} viewers", state.max_viewers),
+                },
+            )
+            .await;
+            return deny(&conn, close::TOO_MANY_VIEWERS, "too many viewers");
+        };
+        info!(remote = %conn.remote_address(), "viewer connected");
+        let Some(info) = state.fanout.info().await else {
+            return;
+        };
+        if frame::write(&mut send, &FromCamera::StreamInfo(info))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let control = answer_pings(send, recv);
+        let stream = stream_gops(&conn, &state);
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => "camera shutting down",
+            _ = control => "viewer closed its control stream",
+            why = stream => why,
+            _ = conn.closed() => "connection closed",
+        };
+        info!(reason = outcome, "viewer gone");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Counts a viewer against the limit for as long as it lives.
+struct ViewerSlot(Arc<State>);
+
+impl ViewerSlot {
+    fn take(state: &Arc<State>) -> Option<Self> {
+        let mut taken = false;
+        state.status.send_if_modified(|s| {
+            taken = s.viewers < state.max_viewers;
+            if taken {
+                s.viewers += 1;
+            }
+            taken
+        });
+        taken.then(|| ViewerSlot(state.clone()))
+    }
+}
+
+impl Drop for ViewerSlot {
+    fn drop(&mut self) {
+        self.0
+            .status
+            .send_modify(|s| s.viewers = s.viewers.saturating_sub(1));
+    }
+}
+
+async fn answer_pings(mut send: SendStream, mut recv: quinn::RecvStream) {
+    while let Ok(Some(msg)) = frame::read::<ToCamera, _>(&mut recv).await {
+        if let ToCamera::Ping { id, viewer_time_us } = msg {
+            let pong = FromCamera::Pong {
+                id,
+                viewer_time_us,
+                camera_time_us: unix_micros(),
+            };
+            if frame::write(&mut send, &pong).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The GOP stream currently being written to one viewer.
+struct GopStream {
+    gop: u64,
+    stream: SendStream,
+}
+
+/// Streams the cached GOP, then live frames, until the source ends or the viewer is gone.
+async fn stream_gops(conn: &quinn::Connection, state: &State) -> &'static str {
+    let budget = state.latency_budget;
+    let sub = state.fanout.subscribe();
+    let mut live = sub.live;
+    let mut current: Option<GopStream> = None;
+    let mut skip_gop: Option<u64> = None;
+    // The cached GOP is sent whatever its age: it is what lets a viewer start at once.
+    for frame in sub.cached {
+        let p = Published {
+            gop: sub.gop,
+            frame,
+        };
+        if let Err(why) = send_frame(conn, &mut current, &p, None, true).await {
+            return why;
+        }
+    }
+    loop {
+        let p = tokio::select! {
+            p = live.recv() => p,
+            _ = state.source_ended.cancelled() => {
+                finish(current.take()).await;
+                conn.close(VarInt::from_u32(close::SOURCE_ENDED), b"source ended");
+                return "source ended";
+            }
+        };
+        let p = match p {
+            Ok(p) => p,
+            Err(RecvError::Lagged(n)) => {
+                debug!(frames = n, "viewer lagged: skipping to the next keyframe");
+                abandon(&mut current);
+                // Anything before the next keyframe is undecodable now.
+                skip_gop = Some(u64::MAX);
+                continue;
+            }
+            Err(RecvError::Closed) => return "source closed",
+        };
+        if p.frame.keyframe {
+            skip_gop = None;
+        } else if skip_gop.is_some() {
+            continue;
+        }
+        let age = Duration::from_micros(unix_micros().saturating_sub(p.frame.capture_us));
+        if age > budget {
+            debug!(
+                gop = p.gop,
+                ?age,
+                "frame older than the latency budget: abandoning GOP"
+            );
+            abandon(&mut current);
+            skip_gop = Some(p.gop);
+            continue;
+        }
+        match send_frame(conn, &mut current, &p, Some(budget - age), false).await {
+            Ok(()) => {}
+            Err("stale") => {
+                abandon(&mut current);
+                skip_gop = Some(p.gop);
+            }
+            Err(why) => return why,
+        }
+    }
+}
+
+fn abandon(current: &mut Option<GopStream>) {
+    if let Some(mut g) = current.take() {
+        let _ = g.stream.reset(VarInt::from_u32(RESET_STALE_GOP));
+    }
+}
+
+async fn finish(current: Option<GopStream>) {
+    if let Some(mut g) = current {
+        let _ = g.stream.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), g.stream.stopped()).await;
+    }
+}
+
+/// Writes one frame, opening a new GOP stream at a keyframe. With a deadline, a write that
+/// cannot complete in time returns `Err("stale")`.
+async fn send_frame(
+    conn: &quinn::Connection,
+    current: &mut Option<GopStream>,
+    p: &Published,
+    deadline: Option<Duration>,
+    cached: bool,
+) -> Result<(), &'static str> {
+    if p.frame.keyframe || current.as_ref().map(|g| g.gop) != Some(p.gop) {
+        if !p.frame.keyframe {
+            return Ok(()); // mid-GOP without its keyframe: undecodable, skip
+        }
+        if let Some(mut old) = current.take() {
+            let _ = old.stream.finish();
+        }
+        let mut stream = conn.open_uni().await.map_err(|_| "connection lost")?;
+        // Newer GOPs first; i32 wraps only after 2^31 GOPs.
+        let _ = stream.set_priority((p.gop & 0x7fff_ffff) as i32);
+        stream
+            .write_all(&GopHeader { seq: p.gop }.encode())
+            .await
+            .map_err(|_| "connection lost")?;
+        *current = Some(GopStream { gop: p.gop, stream });
+    }
+    let Some(g) = current.as_mut() else {
+        return Ok(());
+    };
+    let write = async {
+        let mut header = p.frame.header();
+        if cached {
+            header.flags |= FLAG_CACHED;
+        }
+        g.stream.write_all(&header.encode()).await?;
+        g.stream.write_chunk(p.frame.data.clone()).await
+    };
+    let result = match deadline {
+        None => write.await,
+        Some(d) => match tokio::time::timeout(d, write).await {
+            Ok(r) => r,
+            Err(_) => return Err("stale"),
+        },
+    };
+    match result {
+        Ok(()) => Ok(()),
+        // The viewer abandoned this GOP (it fell behind): go on with the next one.
+        Err(quinn::WriteError::Stopped(_) | quinn::WriteError::ClosedStream) => Err("stale"),
+        Err(_) => Err("connection lost"),
+    }
+}
