@@ -1,1 +1,219 @@
-//! placeholder
+//! viewer: finds a camera through the rendezvous, connects to it directly over QUIC from
+//! one UDP socket, checks that it reached the camera it asked for, and writes the H.264 it
+//! receives (Annex B) to a sink while measuring what a user notices.
+//!
+//! [`watch`] runs one session and returns a [`stats::Summary`]; `main.rs` only parses
+//! flags and prints.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod config;
+mod connect;
+mod receive;
+pub mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use peercam_common::net::RendezvousAddr;
+use peercam_common::rdv::Refusal;
+use peercam_common::tls::{Credentials, Trust};
+use peercam_common::{CameraId, ViewerId};
+use tokio_util::sync::CancellationToken;
+
+pub use connect::Path;
+pub use stats::Summary;
+
+/// Where received video goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    /// Annex B to a file (created or truncated).
+    File(PathBuf),
+    /// Annex B to standard output.
+    Stdout,
+    /// Nowhere (measure only).
+    Discard,
+}
+
+/// One viewing session's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Local UDP address (port 0 picks one).
+    pub bind: SocketAddr,
+    /// The rendezvous.
+    pub rendezvous: RendezvousAddr,
+    /// The viewer's certificate and key.
+    pub credentials: Credentials,
+    /// The deployment CA.
+    pub trust: Trust,
+    /// The camera to watch.
+    pub camera: CameraId,
+    /// Where the video goes.
+    pub sink: Sink,
+    /// Stop after this many frames.
+    pub max_frames: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Limit for reaching the rendezvous and for the direct connection.
+    pub connect_timeout: Duration,
+    /// Print progress to stderr every second.
+    pub progress: bool,
+    /// Abandon a GOP whose frames arrive later than this when a newer one is waiting.
+    pub latency_budget: Duration,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but identity, servers and camera.
+    pub fn new(
+        credentials: Credentials,
+        trust: Trust,
+        rendezvous: RendezvousAddr,
+        camera: CameraId,
+    ) -> Self {
+        Config {
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            rendezvous,
+            credentials,
+            trust,
+            camera,
+            sink: Sink::Discard,
+            max_frames: None,
+            duration: None,
+            connect_timeout: Duration::from_secs(5),
+            progress: false,
+            latency_budget: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// Why watching failed. Each message says what happened and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// Local set-up (TLS, socket, sink) failed.
+    #[error("{0}")]
+    Setup(String),
+    /// The rendezvous could not be reached or refused us.
+    #[error("cannot reach the rendezvous at {addr}: {why}. Check the address, that UDP to it is allowed, and that your certificate is from the same CA")]
+    Rendezvous {
+        /// Its address.
+        addr: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// Unknown camera or not allowed: the same answer for both, by design.
+    #[error("camera {camera} is unknown, or viewer {viewer} is not on its access list: check the ID, or ask the camera's owner to allow {viewer}")]
+    NotAllowed {
+        /// The camera.
+        camera: CameraId,
+        /// This viewer.
+        viewer: ViewerId,
+    },
+    /// The camera is not connected to the rendezvous.
+    #[error(
+        "camera {camera} is offline (last seen {ago} ago): check that it is powered and online"
+    )]
+    Offline {
+        /// The camera.
+        camera: CameraId,
+        /// How long ago, in words.
+        ago: String,
+    },
+    /// The camera did not answer the introduction.
+    #[error("camera {0} did not answer the introduction in time: it may be overloaded or its network may be down; try again")]
+    IntroTimeout(CameraId),
+    /// Too many requests.
+    #[error("the rendezvous is rate-limiting this viewer: wait {0} ms and try again")]
+    RateLimited(u64),
+    /// No direct path could be opened.
+    #[error("could not reach camera {camera} at any of {tried} within {secs} s: no direct path through the NATs (relay fallback is not available yet)")]
+    Unreachable {
+        /// The camera.
+        camera: CameraId,
+        /// Addresses tried.
+        tried: String,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// The camera refused us after connecting.
+    #[error("camera {camera} refused this viewer: {why}")]
+    CameraRefused {
+        /// The camera.
+        camera: CameraId,
+        /// Its reason.
+        why: String,
+    },
+    /// The peer at the camera's address is not the camera we asked for.
+    #[error("the peer at {addr} is not camera {camera}: {why}. Connection refused; no video was exchanged")]
+    WrongPeer {
+        /// The camera.
+        camera: CameraId,
+        /// The address.
+        addr: SocketAddr,
+        /// TLS' reason.
+        why: String,
+    },
+    /// The stream broke before anything was received.
+    #[error("the connection to camera {camera} was lost: {why}")]
+    Lost {
+        /// The camera.
+        camera: CameraId,
+        /// What happened.
+        why: String,
+    },
+    /// Writing the output failed.
+    #[error("cannot write the video to {path}: {source}")]
+    Output {
+        /// The sink.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+impl ViewError {
+    /// Maps a rendezvous refusal to the error a user sees.
+    fn from_refusal(r: Refusal, camera: &CameraId, viewer: &ViewerId) -> Self {
+        match r {
+            Refusal::Unavailable | Refusal::Declined | Refusal::BadRequest => {
+                ViewError::NotAllowed {
+                    camera: camera.clone(),
+                    viewer: viewer.clone(),
+                }
+            }
+            Refusal::Offline { last_seen_secs } => ViewError::Offline {
+                camera: camera.clone(),
+                ago: human_secs(last_seen_secs),
+            },
+            Refusal::Timeout => ViewError::IntroTimeout(camera.clone()),
+            Refusal::RateLimited { retry_after_ms } => ViewError::RateLimited(retry_after_ms),
+        }
+    }
+
+    /// Process exit code for this error: 2 not allowed, 3 offline, 4 unreachable,
+    /// 5 rendezvous, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ViewError::NotAllowed { .. } | ViewError::CameraRefused { .. } => 2,
+            ViewError::Offline { .. } | ViewError::IntroTimeout(_) => 3,
+            ViewError::Unreachable { .. } | ViewError::WrongPeer { .. } => 4,
+            ViewError::Rendezvous { .. } | ViewError::RateLimited(_) => 5,
+            _ => 1,
+        }
+    }
+}
+
+fn human_secs(s: u64) -> String {
+    match s {
+        0..=89 => format!("{s} s"),
+        90..=5399 => format!("{} min", (s + 30) / 60),
+        _ => format!("{} h", (s + 1800) / 3600),
+    }
+}
+
+/// Watches a camera until a limit is reached, the camera ends the stream, or `cancel`.
+pub async fn watch(config: Config, cancel: CancellationToken) -> Result<Summary, ViewError> {
+    let started = tokio::time::Instant::now();
+    let link = connect::connect(&config, started).await?;
+    receive::run(&config, link, started, cancel).await
+}

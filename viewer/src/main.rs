@@ -1,1 +1,154 @@
-fn main() {}
+//! `viewer`: watch a peercam camera from anywhere.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use peercam_common::CameraId;
+use peercam_viewer::config::FileConfig;
+use peercam_viewer::Sink;
+use tokio_util::sync::CancellationToken;
+
+/// peercam viewer: finds a camera through the rendezvous, connects to it directly and
+/// end-to-end encrypted, and writes its H.264 video (Annex B) to a file or stdout.
+///
+/// Example: viewer --rendezvous rdv.example.com:7400 --ca ca.pem --cert viewer-alice.pem
+/// --key viewer-alice.key cam-7 -o - | ffplay -f h264 -
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The camera's ID.
+    camera: CameraId,
+    /// TOML config file (settings below override it).
+    #[arg(long, short, env = "PEERCAM_VIEWER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Rendezvous server host:port.
+    #[arg(long, env = "PEERCAM_RENDEZVOUS")]
+    rendezvous: Option<String>,
+    /// Deployment CA certificate.
+    #[arg(long, env = "PEERCAM_CA")]
+    ca: Option<PathBuf>,
+    /// This viewer's certificate.
+    #[arg(long, env = "PEERCAM_CERT")]
+    cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "PEERCAM_KEY")]
+    key: Option<PathBuf>,
+    /// Write Annex B H.264 here (`-` for stdout).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Stop after this many frames.
+    #[arg(long)]
+    frames: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Print one JSON summary line on stdout at exit, and no progress.
+    #[arg(long)]
+    json: bool,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Local UDP address [default: 0.0.0.0:0].
+    #[arg(long)]
+    bind: Option<std::net::SocketAddr>,
+    /// Seconds allowed for reaching the rendezvous and the camera.
+    #[arg(long, default_value_t = 5.0)]
+    connect_timeout: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if cli.json || cli.quiet {
+            "error"
+        } else {
+            "warn"
+        })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err((code, msg)) => {
+            eprintln!("viewer: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn secs(what: &str, s: f64) -> Result<Duration, (u8, String)> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| (1, format!("--{what} must be a positive number of seconds")))
+}
+
+fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
+    let mut file = match &cli.config {
+        Some(path) => FileConfig::load(path).map_err(|e| (1, format!("{e:#}")))?,
+        None => FileConfig::default(),
+    };
+    file.rendezvous = cli.rendezvous.or(file.rendezvous);
+    file.ca = cli.ca.or(file.ca);
+    file.cert = cli.cert.or(file.cert);
+    file.key = cli.key.or(file.key);
+    file.bind = cli.bind.or(file.bind);
+    let mut config = file
+        .resolve(cli.camera)
+        .map_err(|e| (1, format!("{e:#}")))?;
+    config.sink = match cli.output.as_deref() {
+        None => Sink::Discard,
+        Some(p) if p.as_os_str() == "-" => Sink::Stdout,
+        Some(p) => Sink::File(p.to_path_buf()),
+    };
+    if cli.json && config.sink == Sink::Stdout {
+        return Err((
+            1,
+            "--json and -o - both use stdout: write the video to a file instead".into(),
+        ));
+    }
+    config.max_frames = cli.frames;
+    config.duration = cli.duration.map(|d| secs("duration", d)).transpose()?;
+    config.connect_timeout = secs("connect-timeout", cli.connect_timeout)?;
+    config.progress = !cli.json && !cli.quiet;
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| (1, format!("cannot start the async runtime: {e}")))?;
+    let summary = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let on_signal = cancel.clone();
+        let signals = tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            on_signal.cancel();
+        });
+        let result = peercam_viewer::watch(config, cancel).await;
+        signals.abort();
+        result
+    });
+    let summary = summary.map_err(|e| (e.exit_code(), e.to_string()))?;
+    if cli.json {
+        let line = serde_json::to_string(&summary).map_err(|e| (1, e.to_string()))?;
+        println!("{line}");
+    } else if !cli.quiet {
+        eprintln!(
+            "viewer: {} frames, {} bytes over {} ({}), first frame after {} ms; {}",
+            summary.frames,
+            summary.bytes,
+            summary.path,
+            summary.remote,
+            summary
+                .ttff_ms
+                .map(|t| format!("{t:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            summary.ended
+        );
+    }
+    let ok = !summary.ended.starts_with("connection lost")
+        && !summary.ended.starts_with("output closed");
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,234 @@
+//! Getting connected: ask the rendezvous for the camera, then dial all of the camera's
+//! candidates at once from our one socket and keep the first connection that completes.
+//!
+//! The viewer always dials and the camera always accepts (the camera punches first), so
+//! there is never more than one connection to settle on: the first to finish its handshake
+//! wins, the rest are dropped. The handshake proves the peer is the camera we asked for.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use peercam_certs::{Identity, Role};
+use peercam_common::frame;
+use peercam_common::rdv::{FromRendezvous, ToRendezvous};
+use peercam_common::tls::{self, Expect};
+use peercam_common::{media, net, quic, rdv, SessionId, ViewerId};
+use quinn::{ConnectionError, VarInt};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::{Config, ViewError};
+
+/// Server name used when dialling a camera. Cameras are identified by the identity in
+/// their certificate, which the verifier checks; the name itself is not used.
+const CAMERA_SERVER_NAME: &str = "camera.peercam.invalid";
+/// Extra time allowed for the camera to answer an introduction.
+const INTRO_ALLOWANCE: Duration = Duration::from_secs(6);
+
+/// How the viewer reached the camera.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Through a host candidate: same network.
+    Lan,
+    /// Through the camera's public (server-reflexive) address.
+    Direct,
+    /// Through the relay.
+    Relay,
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Path::Lan => "lan",
+            Path::Direct => "direct",
+            Path::Relay => "relay",
+        })
+    }
+}
+
+/// An established, verified connection to the camera.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) conn: quinn::Connection,
+    pub(crate) path: Path,
+    pub(crate) remote: SocketAddr,
+    pub(crate) session: SessionId,
+    pub(crate) connected_after: Duration,
+}
+
+fn setup(e: impl fmt::Display) -> ViewError {
+    ViewError::Setup(e.to_string())
+}
+
+pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, ViewError> {
+    let creds = &config.credentials;
+    let rdv_tls =
+        tls::client_config(creds, &config.trust, Expect::Rendezvous, rdv::ALPN).map_err(setup)?;
+    let rdv_cfg = quic::quic_client(rdv_tls, quic::rendezvous_transport()).map_err(setup)?;
+    let shared = quic::bind_endpoint(config.bind, None)
+        .map_err(|e| setup(format!("cannot bind UDP {}: {e}", config.bind)))?;
+    let endpoint = shared.endpoint;
+    let local = endpoint.local_addr().map_err(setup)?;
+    let rdv_err = |why: String| ViewError::Rendezvous {
+        addr: config.rendezvous.to_string(),
+        why,
+    };
+    let connecting = endpoint
+        .connect_with(
+            rdv_cfg,
+            config.rendezvous.addr,
+            &config.rendezvous.server_name,
+        )
+        .map_err(|e| rdv_err(e.to_string()))?;
+    let rdv_conn = match tokio::time::timeout(config.connect_timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(rdv_err(e.to_string())),
+        Err(_) => {
+            return Err(rdv_err(format!(
+                "no answer within {:?}",
+                config.connect_timeout
+            )))
+        }
+    };
+    let (mut send, mut recv) = rdv_conn
+        .open_bi()
+        .await
+        .map_err(|e| rdv_err(e.to_string()))?;
+    let ask = ToRendezvous::Connect {
+        camera: config.camera.clone(),
+        local_addrs: net::host_candidates(local),
+    };
+    frame::write(&mut send, &ask)
+        .await
+        .map_err(|e| rdv_err(e.to_string()))?;
+    let reply = tokio::time::timeout(
+        config.connect_timeout + INTRO_ALLOWANCE,
+        frame::read(&mut recv),
+    )
+    .await
+    .map_err(|_| ViewError::IntroTimeout(config.camera.clone()))?
+    .map_err(|e| rdv_err(format!("{e}")))?;
+    let viewer = ViewerId::new(&creds.identity.id).map_err(setup)?;
+    let (session, observed, camera_local, camera_rtt) = match reply {
+        Some(FromRendezvous::PeerReady {
+            session,
+            camera_observed,
+            camera_local,
+            camera_rtt_us,
+        }) => (
+            session,
+            camera_observed,
+            camera_local,
+            Duration::from_micros(camera_rtt_us),
+        ),
+        Some(FromRendezvous::Refused { reason }) => {
+            rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"");
+            return Err(ViewError::from_refusal(reason, &config.camera, &viewer));
+        }
+        Some(other) => return Err(rdv_err(format!("unexpected answer {other:?}"))),
+        None => {
+            let why = rdv_conn
+                .close_reason()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "closed the stream".into());
+            return Err(rdv_err(why));
+        }
+    };
+    // The viewer↔camera RTT is at most about the two legs through the rendezvous.
+    let rtt_hint = rdv_conn.rtt() + camera_rtt;
+    let mut candidates = vec![observed];
+    candidates.extend(camera_local.iter().copied());
+    let link = dial(config, &endpoint, &candidates, rtt_hint).await;
+    rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"connected");
+    let (conn, remote) = link?;
+    let path = if camera_local.contains(&remote) {
+        Path::Lan
+    } else {
+        Path::Direct
+    };
+    let connected_after = started.elapsed();
+    info!(camera = %config.camera, %remote, %path, ?connected_after, "connected");
+    Ok(Link {
+        endpoint,
+        conn,
+        path,
+        remote,
+        session,
+        connected_after,
+    })
+}
+
+/// Dials every usable candidate at once; returns the first verified connection.
+async fn dial(
+    config: &Config,
+    endpoint: &quinn::Endpoint,
+    candidates: &[SocketAddr],
+    rtt_hint: Duration,
+) -> Result<(quinn::Connection, SocketAddr), ViewError> {
+    let expect = Expect::Exactly(Identity {
+        role: Role::Camera,
+        id: config.camera.as_str().to_string(),
+    });
+    let media_tls = tls::client_config(&config.credentials, &config.trust, expect, media::ALPN)
+        .map_err(setup)?;
+    let media_cfg =
+        quic::quic_client(media_tls, quic::media_transport(Some(rtt_hint))).map_err(setup)?;
+    let local = endpoint.local_addr().map_err(setup)?;
+    let mut targets: Vec<SocketAddr> = Vec::new();
+    for c in candidates {
+        if (local.is_ipv6() || c.is_ipv4()) && !targets.contains(c) && !c.ip().is_unspecified() {
+            targets.push(*c);
+        }
+    }
+    let mut attempts = JoinSet::new();
+    for addr in &targets {
+        match endpoint.connect_with(media_cfg.clone(), *addr, CAMERA_SERVER_NAME) {
+            Ok(connecting) => {
+                let addr = *addr;
+                attempts.spawn(async move { (addr, connecting.await) });
+            }
+            Err(e) => debug!(%addr, error = %e, "cannot dial candidate"),
+        }
+    }
+    let tried = format!("{targets:?}");
+    let unreachable = || ViewError::Unreachable {
+        camera: config.camera.clone(),
+        tried: tried.clone(),
+        secs: config.connect_timeout.as_secs(),
+    };
+    let mut wrong_peer = None;
+    let deadline = tokio::time::sleep(config.connect_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return Err(wrong_peer.unwrap_or_else(unreachable)),
+            next = attempts.join_next() => match next {
+                None => return Err(wrong_peer.unwrap_or_else(unreachable)),
+                Some(Ok((addr, Ok(conn)))) => {
+                    attempts.abort_all();
+                    return Ok((conn, addr));
+                }
+                Some(Ok((addr, Err(e)))) => {
+                    debug!(%addr, error = %e, "candidate failed");
+                    if let ConnectionError::TransportError(t) = &e {
+                        wrong_peer.get_or_insert(ViewError::WrongPeer {
+                            camera: config.camera.clone(),
+                            addr,
+                            why: t.reason.clone(),
+                        });
+                    }
+                    if let ConnectionError::ApplicationClosed(c) = &e {
+                        return Err(ViewError::CameraRefused {
+                            camera: config.camera.clone(),
+                            why: String::from_utf8_lossy(&c.reason).into_owned(),
+                        });
+                    }
+                }
+                Some(Err(_)) => {}
+            }
+        }
+    }
+}

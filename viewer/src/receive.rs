@@ -1,0 +1,418 @@
+//! Receiving: say hello on the control stream, read GOP streams in order, write frames to
+//! the sink, keep the clock offset fresh with pings, show progress, build the summary.
+//!
+//! A reader task turns GOP streams into frame events; the main loop owns the sink, the
+//! statistics and the clock, so progress and cancellation never wait on the network.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use peercam_common::frame;
+use peercam_common::media::{
+    close, FrameHeader, FromCamera, GopHeader, StreamInfo, ToCamera, MAX_FRAME_PAYLOAD,
+};
+use peercam_common::{quic, unix_micros};
+use quinn::{ReadExactError, RecvStream, VarInt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, info};
+
+use crate::connect::Link;
+use crate::stats::{ClockOffset, Stats, Summary};
+use crate::{Config, Sink, ViewError};
+
+/// How long the camera has to answer the hello with stream parameters.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Interval between clock probes after the first few.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+
+enum Event {
+    Frame {
+        header: FrameHeader,
+        data: Bytes,
+        recv_us: u64,
+    },
+    GopDropped(u64),
+}
+
+type Offset = Arc<Mutex<ClockOffset>>;
+
+fn offset_now(o: &Offset) -> ClockOffset {
+    *o.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) async fn run(
+    config: &Config,
+    link: Link,
+    started: Instant,
+    cancel: CancellationToken,
+) -> Result<Summary, ViewError> {
+    let camera = config.camera.clone();
+    let lost = |why: String| ViewError::Lost {
+        camera: camera.clone(),
+        why,
+    };
+    let conn = link.conn.clone();
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+    let hello = ToCamera::Hello {
+        session: link.session,
+    };
+    frame::write(&mut send, &hello)
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+    let info = match tokio::time::timeout(HELLO_TIMEOUT, frame::read(&mut recv)).await {
+        Ok(Ok(Some(FromCamera::StreamInfo(info)))) => info,
+        Ok(Ok(Some(FromCamera::Refused { message }))) => {
+            return Err(ViewError::CameraRefused {
+                camera: camera.clone(),
+                why: message,
+            })
+        }
+        Ok(_) => return Err(refused_or_lost(&conn, config)),
+        Err(_) => return Err(lost("the camera sent no stream parameters".into())),
+    };
+    info!(
+        width = info.width,
+        height = info.height,
+        fps = info.fps_milli as f64 / 1000.0,
+        "stream parameters"
+    );
+    let offset: Offset = Arc::default();
+    let _pinger = AbortOnDropHandle::new(tokio::spawn(ping_loop(send, recv, offset.clone())));
+    let (tx, rx) = mpsc::channel(64);
+    let _reader = AbortOnDropHandle::new(tokio::spawn(read_gops(
+        conn.clone(),
+        tx,
+        config.latency_budget,
+        offset.clone(),
+    )));
+    let mut sink = open_sink(&config.sink).await?;
+    let outcome = main_loop(
+        config, &link, &info, rx, &mut sink, &offset, started, cancel,
+    )
+    .await;
+    let _ = sink.flush().await;
+    conn.close(VarInt::from_u32(close::OK), b"viewer done");
+    let _ = tokio::time::timeout(Duration::from_secs(1), link.endpoint.wait_idle()).await;
+    let (stats, ended) = outcome?;
+    let o = offset_now(&offset);
+    Ok(Summary {
+        camera: camera.to_string(),
+        path: link.path.to_string(),
+        remote: link.remote.to_string(),
+        frames: stats.frames,
+        bytes: stats.bytes,
+        ttff_ms: stats.ttff.map(ms),
+        connect_ms: Some(ms(link.connected_after)),
+        latency_p50_ms: stats.latency_ms(0.5, &o),
+        latency_p99_ms: stats.latency_ms(0.99, &o),
+        latency_max_ms: stats.latency_ms(1.0, &o),
+        gops_dropped: stats.gops_dropped,
+        rtt_ms: ms(conn.rtt()),
+        clock_offset_ms: o.offset_us() as f64 / 1000.0,
+        duration_s: started.elapsed().as_secs_f64(),
+        ended,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+fn refused_or_lost(conn: &quinn::Connection, config: &Config) -> ViewError {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == VarInt::from_u32(close::ACCESS_DENIED)
+                || c.error_code == VarInt::from_u32(close::TOO_MANY_VIEWERS) =>
+        {
+            ViewError::CameraRefused {
+                camera: config.camera.clone(),
+                why: String::from_utf8_lossy(&c.reason).into_owned(),
+            }
+        }
+        Some(e) => ViewError::Lost {
+            camera: config.camera.clone(),
+            why: e.to_string(),
+        },
+        None => ViewError::Lost {
+            camera: config.camera.clone(),
+            why: "the camera closed the control stream".into(),
+        },
+    }
+}
+
+type BoxSink = tokio::io::BufWriter<Box<dyn AsyncWrite + Unpin + Send>>;
+
+async fn open_sink(sink: &Sink) -> Result<BoxSink, ViewError> {
+    let inner: Box<dyn AsyncWrite + Unpin + Send> =
+        match sink {
+            Sink::File(path) => {
+                Box::new(tokio::fs::File::create(path).await.map_err(|source| {
+                    ViewError::Output {
+                        path: path.display().to_string(),
+                        source,
+                    }
+                })?)
+            }
+            Sink::Stdout => Box::new(tokio::io::stdout()),
+            Sink::Discard => Box::new(tokio::io::sink()),
+        };
+    Ok(tokio::io::BufWriter::with_capacity(256 * 1024, inner))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn main_loop(
+    config: &Config,
+    link: &Link,
+    info: &StreamInfo,
+    mut rx: mpsc::Receiver<Event>,
+    sink: &mut BoxSink,
+    offset: &Offset,
+    started: Instant,
+    cancel: CancellationToken,
+) -> Result<(Stats, String), ViewError> {
+    let mut stats = Stats::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = (0u64, 0u64); // frames, bytes at the previous tick
+    let stop_at = config.duration.map(|d| started + d);
+    let stop = async {
+        match stop_at {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    let _ = info;
+    let ended = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break "interrupted".to_string(),
+            _ = &mut stop => break "duration reached".to_string(),
+            _ = tick.tick(), if config.progress => {
+                progress(link, &stats, offset, last);
+                last = (stats.frames, stats.bytes);
+            }
+            ev = rx.recv() => match ev {
+                Some(Event::GopDropped(n)) => stats.gops_dropped += n,
+                Some(Event::Frame { header, data, recv_us }) => {
+                    if stats.ttff.is_none() && !header.is_keyframe() {
+                        continue; // undecodable until the first keyframe
+                    }
+                    if let Err(e) = write_frame(sink, &data).await {
+                        break format!("output closed: {e}");
+                    }
+                    if stats.ttff.is_none() {
+                        stats.ttff = Some(started.elapsed());
+                    }
+                    stats.frame(data.len(), recv_us, header.capture_us, header.is_cached());
+                    if config.max_frames.is_some_and(|m| stats.frames >= m) {
+                        break "frame limit reached".to_string();
+                    }
+                }
+                None => break ended_by_camera(&link.conn, &stats, config)?,
+            }
+        }
+    };
+    if config.progress {
+        progress(link, &stats, offset, last);
+    }
+    Ok((stats, ended))
+}
+
+fn ended_by_camera(
+    conn: &quinn::Connection,
+    stats: &Stats,
+    config: &Config,
+) -> Result<String, ViewError> {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == VarInt::from_u32(close::SOURCE_ENDED) =>
+        {
+            Ok("camera ended the stream".into())
+        }
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == VarInt::from_u32(close::SHUTDOWN) =>
+        {
+            Ok("camera shut down".into())
+        }
+        _ if stats.frames == 0 => Err(refused_or_lost(conn, config)),
+        Some(e) => Ok(format!("connection lost: {e}")),
+        None => Ok("connection lost".into()),
+    }
+}
+
+async fn write_frame(sink: &mut BoxSink, data: &[u8]) -> std::io::Result<()> {
+    sink.write_all(data).await?;
+    sink.flush().await
+}
+
+fn progress(link: &Link, stats: &Stats, offset: &Offset, last: (u64, u64)) {
+    let o = offset_now(offset);
+    let fps = stats.frames - last.0;
+    let mbit = (stats.bytes - last.1) as f64 * 8.0 / 1e6;
+    let latency = stats
+        .last_latency_ms(&o)
+        .map(|l| format!("{l:.0} ms"))
+        .unwrap_or_else(|| "-".into());
+    eprintln!(
+        "peercam: {} {}  rtt {:.1} ms  {fps} fps  {mbit:.2} Mbit/s  latency {latency}  frames {}  gops dropped {}",
+        link.path,
+        link.remote,
+        link.conn.rtt().as_secs_f64() * 1000.0,
+        stats.frames,
+        stats.gops_dropped
+    );
+}
+
+async fn ping_loop(mut send: quinn::SendStream, mut recv: RecvStream, offset: Offset) {
+    let mut id = 0u64;
+    loop {
+        let ping = ToCamera::Ping {
+            id,
+            viewer_time_us: unix_micros(),
+        };
+        if frame::write(&mut send, &ping).await.is_err() {
+            return;
+        }
+        match frame::read::<FromCamera, _>(&mut recv).await {
+            Ok(Some(FromCamera::Pong {
+                viewer_time_us,
+                camera_time_us,
+                ..
+            })) => {
+                let now = unix_micros();
+                offset.lock().unwrap_or_else(|p| p.into_inner()).add(
+                    viewer_time_us,
+                    camera_time_us,
+                    now,
+                );
+            }
+            Ok(Some(_)) => {}
+            _ => return,
+        }
+        id += 1;
+        // A few quick probes first so latency is right from the start.
+        let wait = if id < 5 {
+            Duration::from_millis(50)
+        } else {
+            PING_INTERVAL
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Reads GOP streams in order and turns them into frame events.
+async fn read_gops(
+    conn: quinn::Connection,
+    tx: mpsc::Sender<Event>,
+    budget: Duration,
+    offset: Offset,
+) {
+    let (stream_tx, mut streams) = mpsc::channel::<RecvStream>(quic::MAX_GOP_STREAMS as usize);
+    let accept_conn = conn.clone();
+    let _acceptor = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Ok(s) = accept_conn.accept_uni().await {
+            if stream_tx.send(s).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let mut last_seq: Option<u64> = None;
+    while let Some(mut stream) = streams.recv().await {
+        let mut buf = [0u8; GopHeader::LEN];
+        let Ok(()) = stream.read_exact(&mut buf).await else {
+            continue; // reset before its header arrived: counted by the sequence gap
+        };
+        let Ok(gop) = GopHeader::decode(&buf) else {
+            debug!("stream without a GOP header: ignored");
+            let _ = stream.stop(VarInt::from_u32(0));
+            continue;
+        };
+        if let Some(last) = last_seq {
+            if gop.seq <= last {
+                let _ = stream.stop(VarInt::from_u32(0));
+                continue;
+            }
+            if gop.seq > last + 1
+                && tx
+                    .send(Event::GopDropped(gop.seq - last - 1))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        last_seq = Some(gop.seq);
+        loop {
+            match read_frame(&mut stream).await {
+                Ok(Some((header, data))) => {
+                    let recv_us = unix_micros();
+                    let behind = Duration::from_micros(
+                        (recv_us as i64 - header.capture_us as i64
+                            + offset_now(&offset).offset_us())
+                        .max(0) as u64,
+                    );
+                    if tx
+                        .send(Event::Frame {
+                            header,
+                            data,
+                            recv_us,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    // Behind the budget with a newer GOP waiting: jump to its keyframe.
+                    if !header.is_cached() && behind > budget && !streams.is_empty() {
+                        debug!(gop = gop.seq, ?behind, "abandoning a late GOP");
+                        let _ = stream.stop(VarInt::from_u32(0));
+                        if tx.send(Event::GopDropped(1)).await.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(Some(reason)) => {
+                    debug!(gop = gop.seq, %reason, "GOP stream ended early");
+                    if tx.send(Event::GopDropped(1)).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Err(None) => return, // connection gone
+            }
+        }
+    }
+}
+
+/// Reads one frame. `Ok(None)` at a clean end of stream; `Err(Some(why))` when this GOP
+/// broke (reset, bad data); `Err(None)` when the connection is gone.
+async fn read_frame(
+    stream: &mut RecvStream,
+) -> Result<Option<(FrameHeader, Bytes)>, Option<String>> {
+    let mut hbuf = [0u8; FrameHeader::LEN];
+    match stream.read_exact(&mut hbuf).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(_)) => return Err(Some("truncated frame".into())),
+        Err(ReadExactError::ReadError(quinn::ReadError::Reset(code))) => {
+            return Err(Some(format!("reset by camera ({code})")))
+        }
+        Err(ReadExactError::ReadError(quinn::ReadError::ConnectionLost(_))) => return Err(None),
+        Err(ReadExactError::ReadError(e)) => return Err(Some(e.to_string())),
+    }
+    let header = FrameHeader::decode(&hbuf).map_err(|e| Some(e.to_string()))?;
+    debug_assert!(header.len as usize <= MAX_FRAME_PAYLOAD);
+    let mut data = vec![0u8; header.len as usize];
+    match stream.read_exact(&mut data).await {
+        Ok(()) => Ok(Some((header, Bytes::from(data)))),
+        Err(ReadExactError::ReadError(quinn::ReadError::ConnectionLost(_))) => Err(None),
+        Err(e) => Err(Some(e.to_string())),
+    }
+}
