@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# peercam test command: installs the system packages the tests need, builds the binaries
+# the CLI tests run, then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v ffprobe >/dev/null || need+=(ffmpeg)
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing ${need[*]}" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+echo "==> building" >&2
+cargo build --workspace --bins --locked
+echo "==> testing" >&2
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"

@@ -1,0 +1,9 @@
+//! peercam end-to-end tests: one binary, one file per area.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod access;
+mod cli;
+mod identity;
+mod recovery;
+mod streaming;
