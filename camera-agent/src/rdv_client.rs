@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use peercam_common::backoff::Backoff;
 use peercam_common::frame;
-use peercam_common::rdv::{Capabilities, FromRendezvous, ToRendezvous};
+use peercam_common::rdv::{Capabilities, FromRendezvous, RelayOffer, ToRendezvous, RELAY_HELLO};
 use peercam_common::{net, SessionId, ViewerId};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -134,19 +134,18 @@ async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> End
                 viewer,
                 viewer_observed,
                 viewer_local,
+                relay,
                 ..
             })) => {
                 let mut candidates = vec![viewer_observed];
                 candidates.extend(viewer_local);
-                let reply = introduce(
-                    client,
-                    state,
-                    local,
+                let intro = Intro {
                     session,
                     viewer,
-                    &candidates,
-                    &mut punches,
-                );
+                    candidates,
+                    relay,
+                };
+                let reply = introduce(client, state, local, intro, &mut punches);
                 if let Err(e) = frame::write(&mut send, &reply).await {
                     return Ended::Lost(format!("cannot answer introduction: {e}"));
                 }
@@ -164,16 +163,27 @@ async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> End
     }
 }
 
+struct Intro {
+    session: SessionId,
+    viewer: ViewerId,
+    candidates: Vec<SocketAddr>,
+    relay: Option<RelayOffer>,
+}
+
 /// Answers one introduction: checks the access list, punches, accepts.
 fn introduce(
     client: &Client,
     state: &State,
     local: SocketAddr,
-    session: SessionId,
-    viewer: ViewerId,
-    candidates: &[SocketAddr],
+    intro: Intro,
     punches: &mut JoinSet<()>,
 ) -> ToRendezvous {
+    let Intro {
+        session,
+        viewer,
+        candidates,
+        relay,
+    } = intro;
     if !state.allowed(&viewer) {
         warn!(%viewer, "introduction for a viewer not on the access list: declined");
         return ToRendezvous::Decline { session };
@@ -182,24 +192,29 @@ fn introduce(
         warn!(%viewer, "too many pending introductions: declined");
         return ToRendezvous::Decline { session };
     }
-    let targets = punch::targets(candidates, local);
+    let targets = punch::targets(&candidates, local);
+    // The relay gets a hello carrying its token: that is how it learns our address.
+    let hello = relay.map(|r| (r.addr, [RELAY_HELLO, &r.token[..]].concat()));
+    let send_round = move |socket: &UdpSocket| {
+        for addr in &targets {
+            let _ = socket.send_to(punch::PUNCH, addr);
+        }
+        if let Some((addr, packet)) = &hello {
+            let _ = socket.send_to(packet, addr);
+        }
+    };
     // First round now, before the Accept leaves, so our NAT is open when the viewer's
     // first packet arrives; later rounds cover a lost punch.
-    for addr in &targets {
-        let _ = client.punch.send_to(punch::PUNCH, addr);
-    }
+    send_round(&client.punch);
     let socket = client.punch.clone();
-    let later = targets.clone();
     punches.spawn(async move {
         let start = tokio::time::Instant::now();
         for at in &punch::ROUNDS[1..] {
             tokio::time::sleep_until(start + *at).await;
-            for addr in &later {
-                let _ = socket.send_to(punch::PUNCH, addr);
-            }
+            send_round(&socket);
         }
     });
-    info!(%viewer, %session, targets = targets.len(), "introduction accepted");
+    info!(%viewer, %session, relay = relay.is_some(), "introduction accepted");
     ToRendezvous::Accept {
         session,
         local_addrs: net::host_candidates(local),

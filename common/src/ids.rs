@@ -94,15 +94,15 @@ impl fmt::Debug for SessionId {
 }
 
 /// Encodes `[u8; 16]` as a CBOR byte string rather than an array of 16 integers.
-mod serde_bytes16 {
+pub(crate) mod serde_bytes16 {
     use serde::de::{Error, Visitor};
     use serde::{Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v)
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
         struct V;
         impl Visitor<'_> for V {
             type Value = [u8; 16];

@@ -14,6 +14,20 @@ use crate::ids::{CameraId, SessionId, ViewerId};
 /// ALPN of the rendezvous protocol.
 pub const ALPN: &[u8] = b"peercam-rdv/1";
 
+/// First bytes of the packet a camera sends to its relay address to announce itself,
+/// followed by the 16-byte token of the [`RelayOffer`].
+pub const RELAY_HELLO: &[u8] = b"peercam-relay";
+
+/// A relay session offered to a camera.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayOffer {
+    /// Where the camera announces itself and sends relayed packets.
+    pub addr: SocketAddr,
+    /// Proof of the camera's announcement.
+    #[serde(with = "crate::ids::serde_bytes16")]
+    pub token: [u8; 16],
+}
+
 /// Most local addresses a peer may announce.
 pub const MAX_LOCAL_ADDRS: usize = 16;
 /// Most entries in a camera's access list.
@@ -128,6 +142,8 @@ pub enum FromRendezvous {
         viewer_local: Vec<SocketAddr>,
         /// Round-trip time rendezvous↔viewer, microseconds.
         viewer_rtt_us: u64,
+        /// A relay session, if the rendezvous offers one: announce yourself to it too.
+        relay: Option<RelayOffer>,
     },
     /// Viewer: the camera is ready; dial it now.
     PeerReady {
@@ -139,6 +155,8 @@ pub enum FromRendezvous {
         camera_local: Vec<SocketAddr>,
         /// Round-trip time rendezvous↔camera, microseconds.
         camera_rtt_us: u64,
+        /// The relay address to dial if no direct path works.
+        relay: Option<SocketAddr>,
     },
     /// Viewer: the introduction failed.
     Refused {

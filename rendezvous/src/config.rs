@@ -37,6 +37,16 @@ pub struct FileConfig {
     pub lookup_rate: Option<f64>,
     /// Lookups one viewer may make in a burst.
     pub lookup_burst: Option<f64>,
+    /// Offer a relay when no direct path works (default true).
+    pub relay: Option<bool>,
+    /// Most megabytes relayed per session.
+    pub relay_max_mb: Option<u64>,
+    /// Longest relay session, seconds.
+    pub relay_max_secs: Option<u64>,
+    /// Most relay sessions at once.
+    pub relay_max_sessions: Option<usize>,
+    /// Public IP the relay advertises (a VM behind 1:1 NAT).
+    pub relay_public_ip: Option<std::net::IpAddr>,
 }
 
 /// Errors in the configuration.
@@ -102,6 +112,21 @@ impl FileConfig {
         if let Some(b) = self.lookup_burst {
             limits.registry.lookup_burst = b.max(1.0);
         }
+        if self.relay == Some(false) {
+            limits.relay = None;
+        }
+        if let Some(relay) = limits.relay.as_mut() {
+            if let Some(mb) = self.relay_max_mb {
+                relay.max_bytes = mb.saturating_mul(1024 * 1024);
+            }
+            if let Some(s) = self.relay_max_secs {
+                relay.max_duration = Duration::from_secs(s.max(1));
+            }
+            if let Some(n) = self.relay_max_sessions {
+                relay.max_sessions = n;
+            }
+        }
+        limits.relay_public_ip = self.relay_public_ip;
         Ok(Config {
             listen: self
                 .listen

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod registry;
+pub mod relay;
 pub mod server;
 
 pub use server::{start, Config, Handle, Limits};

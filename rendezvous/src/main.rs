@@ -27,6 +27,9 @@ struct Cli {
     /// Its private key.
     #[arg(long, env = "PEERCAM_RDV_KEY")]
     key: Option<PathBuf>,
+    /// Do not offer a relay.
+    #[arg(long)]
+    no_relay: bool,
     /// Log as JSON lines.
     #[arg(long, env = "PEERCAM_LOG_JSON")]
     log_json: bool,
@@ -66,6 +69,9 @@ fn run(cli: Cli) -> Result<()> {
     file.ca = cli.ca.or(file.ca);
     file.cert = cli.cert.or(file.cert);
     file.key = cli.key.or(file.key);
+    if cli.no_relay {
+        file.relay = Some(false);
+    }
     let config = file.resolve()?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {

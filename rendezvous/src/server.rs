@@ -6,7 +6,7 @@
 //! with [`close::SHUTDOWN`] so peers reconnect, wait for the close to go out, abort the rest.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use peercam_certs::Role;
 use peercam_common::frame::{self, FrameError};
 use peercam_common::rdv::{
-    close, FromRendezvous, Refusal, ToRendezvous, ALPN, MAX_ACCESS_LIST, MAX_LOCAL_ADDRS,
+    close, FromRendezvous, Refusal, RelayOffer, ToRendezvous, ALPN, MAX_ACCESS_LIST,
+    MAX_LOCAL_ADDRS,
 };
 use peercam_common::tls::{self, peer_identity, Credentials, PeerIdentity, Trust};
 use peercam_common::{quic, CameraId, SessionId, ViewerId};
@@ -26,6 +27,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::registry::{ConnId, Online, RegisterError, Registry, RegistryLimits};
+use crate::relay::{Allocation, Peers, Relay, RelayLimits};
 
 /// Limits and timeouts of the server.
 #[derive(Debug, Clone)]
@@ -40,6 +42,11 @@ pub struct Limits {
     pub first_message_timeout: Duration,
     /// How long shutdown waits for close frames to reach peers.
     pub drain: Duration,
+    /// Relay limits; `None` disables the relay.
+    pub relay: Option<RelayLimits>,
+    /// Address the relay advertises, when the listen address is not the public one (a
+    /// cloud VM behind 1:1 NAT). Default: the address a viewer's packets arrived on.
+    pub relay_public_ip: Option<IpAddr>,
 }
 
 impl Default for Limits {
@@ -50,6 +57,8 @@ impl Default for Limits {
             max_connections: 250_000,
             first_message_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(2),
+            relay: Some(RelayLimits::default()),
+            relay_public_ip: None,
         }
     }
 }
@@ -112,6 +121,11 @@ impl Handle {
     pub fn cameras_online(&self) -> usize {
         self.shared.registry().online_count()
     }
+
+    /// Relay sessions active now.
+    pub fn relay_sessions(&self) -> usize {
+        self.shared.relay.as_ref().map_or(0, Relay::active)
+    }
 }
 
 struct CameraLink {
@@ -130,6 +144,8 @@ struct Pending {
 }
 
 struct Shared {
+    listen: SocketAddr,
+    relay: Option<Relay>,
     registry: Mutex<Registry>,
     cameras: Mutex<HashMap<ConnId, CameraLink>>,
     pending: Mutex<HashMap<SessionId, Pending>>,
@@ -174,6 +190,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         source,
     })?;
     let shared = Arc::new(Shared {
+        listen: local_addr,
+        relay: config.limits.relay.clone().map(Relay::new),
         registry: Mutex::new(Registry::new(config.limits.registry.clone())),
         cameras: Mutex::default(),
         pending: Mutex::default(),
@@ -223,6 +241,9 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: Can
     let _ = tokio::time::timeout(shared.limits.drain, endpoint.wait_idle()).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    if let Some(relay) = &shared.relay {
+        relay.shutdown();
+    }
     info!("rendezvous stopped");
 }
 
@@ -488,6 +509,7 @@ async fn introduce(
             reason: Refusal::Offline { last_seen_secs: 0 },
         };
     };
+    let relay = allocate_relay(shared, viewer_conn, &camera_conn).await;
     let session = SessionId::random();
     let (reply, answer) = oneshot::channel();
     lock(&shared.pending).insert(
@@ -503,6 +525,10 @@ async fn introduce(
         viewer_observed: viewer_conn.remote_address(),
         viewer_local,
         viewer_rtt_us: viewer_conn.rtt().as_micros() as u64,
+        relay: relay.map(|a| RelayOffer {
+            addr: a.camera_side,
+            token: a.token,
+        }),
     };
     let outcome = if tx.try_send(intro).is_ok() {
         tokio::time::timeout(shared.limits.intro_timeout, answer)
@@ -521,6 +547,7 @@ async fn introduce(
                 camera_observed: camera_conn.remote_address(),
                 camera_local,
                 camera_rtt_us: camera_conn.rtt().as_micros() as u64,
+                relay: relay.map(|a| a.viewer_side),
             }
         }
         // The rendezvous already checked the access list; a camera that still declines
@@ -535,4 +562,32 @@ async fn introduce(
             }
         }
     }
+}
+
+/// Allocates a relay session for this introduction, when the relay is enabled and both
+/// peers use the relay's address family.
+async fn allocate_relay(
+    shared: &Shared,
+    viewer_conn: &quinn::Connection,
+    camera_conn: &quinn::Connection,
+) -> Option<Allocation> {
+    let relay = shared.relay.as_ref()?;
+    let ip = if shared.listen.ip().is_unspecified() {
+        viewer_conn.local_ip()?
+    } else {
+        shared.listen.ip()
+    };
+    let peers = Peers {
+        viewer_ip: viewer_conn.remote_address().ip(),
+        camera_ip: camera_conn.remote_address().ip(),
+    };
+    if peers.viewer_ip.is_ipv4() != ip.is_ipv4() || peers.camera_ip.is_ipv4() != ip.is_ipv4() {
+        return None;
+    }
+    let mut alloc = relay.allocate(ip, peers).await?;
+    if let Some(public) = shared.limits.relay_public_ip {
+        alloc.viewer_side.set_ip(public);
+        alloc.camera_side.set_ip(public);
+    }
+    Some(alloc)
 }

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,10 @@ use peercam_common::tls::{Credentials, Trust};
 use peercam_common::{CameraId, ViewerId};
 
 /// The bundled sample clip: 100 frames, 640x360, 25 fps, an IDR every 25 frames.
-pub const SAMPLE: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/sample.h264"));
+pub const SAMPLE: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../assets/sample.h264"
+));
 
 /// Path of the bundled sample clip.
 pub fn sample_path() -> PathBuf {
@@ -125,7 +129,9 @@ pub async fn start_rendezvous(pki: &Pki, addr: SocketAddr) -> peercam_rendezvous
             ..Default::default()
         },
     };
-    peercam_rendezvous::start(config).await.expect("rendezvous starts")
+    peercam_rendezvous::start(config)
+        .await
+        .expect("rendezvous starts")
 }
 
 /// Loopback on any port.
@@ -154,18 +160,29 @@ pub fn camera_config(
         looped: true,
         fps: None,
     };
-    let mut config = peercam_camera_agent::Config::new(creds, pki.trust(), vec![rdv_addr(rdv)], source);
+    let mut config =
+        peercam_camera_agent::Config::new(creds, pki.trust(), vec![rdv_addr(rdv)], source);
     config.bind = any_port();
-    config.access = allow.iter().map(|v| ViewerId::new(v).expect("id")).collect();
+    config.access = allow
+        .iter()
+        .map(|v| ViewerId::new(v).expect("id"))
+        .collect();
     config.backoff_base = Duration::from_millis(100);
     config.backoff_max = Duration::from_millis(800);
     config
 }
 
 /// Starts a camera `id` allowing `allow`, and waits until it is registered.
-pub async fn start_camera(pki: &Pki, id: &str, rdv: SocketAddr, allow: &[&str]) -> peercam_camera_agent::Handle {
+pub async fn start_camera(
+    pki: &Pki,
+    id: &str,
+    rdv: SocketAddr,
+    allow: &[&str],
+) -> peercam_camera_agent::Handle {
     let config = camera_config(pki, pki.creds(Role::Camera, id), rdv, allow);
-    let cam = peercam_camera_agent::start(config).await.expect("camera starts");
+    let cam = peercam_camera_agent::start(config)
+        .await
+        .expect("camera starts");
     wait_registrations(&cam, 1).await;
     cam
 }
@@ -173,18 +190,32 @@ pub async fn start_camera(pki: &Pki, id: &str, rdv: SocketAddr, allow: &[&str]) 
 /// Waits until the camera has registered `n` times in all.
 pub async fn wait_registrations(cam: &peercam_camera_agent::Handle, n: u64) {
     let mut status = cam.watch_status();
-    within(15, "camera registration", status.wait_for(|s| s.registered.is_some() && s.registrations >= n))
-        .await
-        .expect("status channel open");
+    within(
+        15,
+        "camera registration",
+        status.wait_for(|s| s.registered.is_some() && s.registrations >= n),
+    )
+    .await
+    .expect("status channel open");
 }
 
 /// A viewer configuration for `viewer` watching `camera`, on loopback.
-pub fn viewer_config(pki: &Pki, viewer: &str, rdv: SocketAddr, camera: &str) -> peercam_viewer::Config {
+pub fn viewer_config(
+    pki: &Pki,
+    viewer: &str,
+    rdv: SocketAddr,
+    camera: &str,
+) -> peercam_viewer::Config {
     viewer_config_with(pki, pki.creds(Role::Viewer, viewer), rdv, camera)
 }
 
 /// A viewer configuration with given credentials.
-pub fn viewer_config_with(pki: &Pki, creds: Credentials, rdv: SocketAddr, camera: &str) -> peercam_viewer::Config {
+pub fn viewer_config_with(
+    pki: &Pki,
+    creds: Credentials,
+    rdv: SocketAddr,
+    camera: &str,
+) -> peercam_viewer::Config {
     let mut config = peercam_viewer::Config::new(
         creds,
         pki.trust(),
@@ -197,7 +228,9 @@ pub fn viewer_config_with(pki: &Pki, creds: Credentials, rdv: SocketAddr, camera
 }
 
 /// Watches with a bound on the whole session.
-pub async fn watch(config: peercam_viewer::Config) -> Result<peercam_viewer::Summary, peercam_viewer::ViewError> {
+pub async fn watch(
+    config: peercam_viewer::Config,
+) -> Result<peercam_viewer::Summary, peercam_viewer::ViewError> {
     within(
         30,
         "viewer session",
@@ -209,7 +242,15 @@ pub async fn watch(config: peercam_viewer::Config) -> Result<peercam_viewer::Sum
 /// Number of frames ffprobe decodes from an Annex B file, or an error message.
 pub fn ffprobe_frames(path: &Path) -> Result<u64, String> {
     let out = std::process::Command::new("ffprobe")
-        .args(["-v", "error", "-f", "h264", "-count_frames", "-select_streams", "v:0"])
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "h264",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+        ])
         .args(["-show_entries", "stream=nb_read_frames", "-of", "csv=p=0"])
         .arg(path)
         .output()

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::{Config, ViewError};
+use crate::{Config, RelayMode, ViewError};
 
 /// Server name used when dialling a camera. Cameras are identified by the identity in
 /// their certificate, which the verifier checks; the name itself is not used.
@@ -112,17 +112,19 @@ pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, V
     .map_err(|_| ViewError::IntroTimeout(config.camera.clone()))?
     .map_err(|e| rdv_err(format!("{e}")))?;
     let viewer = ViewerId::new(&creds.identity.id).map_err(setup)?;
-    let (session, observed, camera_local, camera_rtt) = match reply {
+    let (session, observed, camera_local, camera_rtt, relay) = match reply {
         Some(FromRendezvous::PeerReady {
             session,
             camera_observed,
             camera_local,
             camera_rtt_us,
+            relay,
         }) => (
             session,
             camera_observed,
             camera_local,
             Duration::from_micros(camera_rtt_us),
+            relay,
         ),
         Some(FromRendezvous::Refused { reason }) => {
             rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"");
@@ -141,10 +143,16 @@ pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, V
     let rtt_hint = rdv_conn.rtt() + camera_rtt;
     let mut candidates = vec![observed];
     candidates.extend(camera_local.iter().copied());
-    let link = dial(config, &endpoint, &candidates, rtt_hint).await;
+    if config.relay == RelayMode::Only {
+        candidates.clear();
+    }
+    let relay = relay.filter(|_| config.relay != RelayMode::Never);
+    let link = dial(config, &endpoint, &candidates, relay, rtt_hint).await;
     rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"connected");
     let (conn, remote) = link?;
-    let path = if camera_local.contains(&remote) {
+    let path = if Some(remote) == relay {
+        Path::Relay
+    } else if camera_local.contains(&remote) {
         Path::Lan
     } else {
         Path::Direct
@@ -161,11 +169,19 @@ pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, V
     })
 }
 
-/// Dials every usable candidate at once; returns the first verified connection.
+/// How long a relayed connection waits for a direct one still in progress: a direct path
+/// is preferred, but not at any price.
+fn relay_grace(rtt_hint: Duration) -> Duration {
+    (rtt_hint * 3 + Duration::from_millis(150)).min(Duration::from_secs(1))
+}
+
+/// Dials every usable candidate and the relay at once; returns the first verified direct
+/// connection, or the relayed one if no direct connection completes within a grace period.
 async fn dial(
     config: &Config,
     endpoint: &quinn::Endpoint,
     candidates: &[SocketAddr],
+    relay: Option<SocketAddr>,
     rtt_hint: Duration,
 ) -> Result<(quinn::Connection, SocketAddr), ViewError> {
     let expect = Expect::Exactly(Identity {
@@ -177,9 +193,10 @@ async fn dial(
     let media_cfg =
         quic::quic_client(media_tls, quic::media_transport(Some(rtt_hint))).map_err(setup)?;
     let local = endpoint.local_addr().map_err(setup)?;
+    let usable = |c: &SocketAddr| (local.is_ipv6() || c.is_ipv4()) && !c.ip().is_unspecified();
     let mut targets: Vec<SocketAddr> = Vec::new();
-    for c in candidates {
-        if (local.is_ipv6() || c.is_ipv4()) && !targets.contains(c) && !c.ip().is_unspecified() {
+    for c in candidates.iter().chain(relay.iter()) {
+        if usable(c) && !targets.contains(c) {
             targets.push(*c);
         }
     }
@@ -199,36 +216,71 @@ async fn dial(
         tried: tried.clone(),
         secs: config.connect_timeout.as_secs(),
     };
-    let mut wrong_peer = None;
+    let mut failure = None;
+    let mut relayed: Option<quinn::Connection> = None;
     let deadline = tokio::time::sleep(config.connect_timeout);
     tokio::pin!(deadline);
+    let grace = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(grace);
     loop {
         tokio::select! {
-            _ = &mut deadline => return Err(wrong_peer.unwrap_or_else(unreachable)),
+            _ = &mut deadline, if relayed.is_none() => {
+                return Err(failure.unwrap_or_else(unreachable))
+            }
+            _ = &mut grace, if relayed.is_some() => break,
             next = attempts.join_next() => match next {
-                None => return Err(wrong_peer.unwrap_or_else(unreachable)),
+                None => break,
+                Some(Ok((addr, Ok(conn)))) if Some(addr) == relay => {
+                    debug!("relayed connection ready; waiting briefly for a direct one");
+                    relayed = Some(conn);
+                    grace.as_mut().reset(Instant::now() + relay_grace(rtt_hint));
+                }
                 Some(Ok((addr, Ok(conn)))) => {
                     attempts.abort_all();
+                    if let Some(r) = relayed {
+                        r.close(VarInt::from_u32(media::close::OK), b"direct path found");
+                    }
                     return Ok((conn, addr));
                 }
                 Some(Ok((addr, Err(e)))) => {
                     debug!(%addr, error = %e, "candidate failed");
-                    if let ConnectionError::TransportError(t) = &e {
-                        wrong_peer.get_or_insert(ViewError::WrongPeer {
-                            camera: config.camera.clone(),
-                            addr,
-                            why: t.reason.clone(),
-                        });
-                    }
-                    if let ConnectionError::ApplicationClosed(c) = &e {
-                        return Err(ViewError::CameraRefused {
-                            camera: config.camera.clone(),
-                            why: String::from_utf8_lossy(&c.reason).into_owned(),
-                        });
+                    if let Some(err) = classify(config, addr, &e) {
+                        if matches!(err, ViewError::CameraRefused { .. }) {
+                            return Err(err);
+                        }
+                        failure.get_or_insert(err);
                     }
                 }
                 Some(Err(_)) => {}
             }
         }
+    }
+    attempts.abort_all();
+    match (relayed, relay) {
+        (Some(conn), Some(addr)) => Ok((conn, addr)),
+        _ => Err(failure.unwrap_or_else(unreachable)),
+    }
+}
+
+/// Turns a failed handshake into the error a user should see, if it says more than
+/// "unreachable".
+fn classify(config: &Config, addr: SocketAddr, e: &ConnectionError) -> Option<ViewError> {
+    match e {
+        // Our own TLS refused the peer: it is not the camera we asked for.
+        ConnectionError::TransportError(t) => Some(ViewError::WrongPeer {
+            camera: config.camera.clone(),
+            addr,
+            why: t.reason.clone(),
+        }),
+        ConnectionError::ApplicationClosed(c) => Some(ViewError::CameraRefused {
+            camera: config.camera.clone(),
+            why: String::from_utf8_lossy(&c.reason).into_owned(),
+        }),
+        // The camera's TLS refused our certificate.
+        ConnectionError::ConnectionClosed(c) => Some(ViewError::CameraRefused {
+            camera: config.camera.clone(),
+            why: format!("it rejected this viewer's certificate ({c})"),
+        }),
+        _ => None,
     }
 }

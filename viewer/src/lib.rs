@@ -36,6 +36,17 @@ pub enum Sink {
     Discard,
 }
 
+/// Whether to use the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    /// Direct when possible, relay otherwise (the default).
+    Auto,
+    /// Direct only.
+    Never,
+    /// Relay only (for tests and diagnosis).
+    Only,
+}
+
 /// One viewing session's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -61,6 +72,8 @@ pub struct Config {
     pub progress: bool,
     /// Abandon a GOP whose frames arrive later than this when a newer one is waiting.
     pub latency_budget: Duration,
+    /// Relay use.
+    pub relay: RelayMode,
 }
 
 impl Config {
@@ -83,6 +96,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             progress: false,
             latency_budget: Duration::from_millis(1500),
+            relay: RelayMode::Auto,
         }
     }
 }
@@ -126,7 +140,7 @@ pub enum ViewError {
     #[error("the rendezvous is rate-limiting this viewer: wait {0} ms and try again")]
     RateLimited(u64),
     /// No direct path could be opened.
-    #[error("could not reach camera {camera} at any of {tried} within {secs} s: no direct path through the NATs (relay fallback is not available yet)")]
+    #[error("could not reach camera {camera} at any of {tried} within {secs} s: no direct path through the NATs and no working relay; check that UDP is not blocked on either side")]
     Unreachable {
         /// The camera.
         camera: CameraId,

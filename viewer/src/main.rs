@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use peercam_common::CameraId;
 use peercam_viewer::config::FileConfig;
-use peercam_viewer::Sink;
+use peercam_viewer::{RelayMode, Sink};
 use tokio_util::sync::CancellationToken;
 
 /// peercam viewer: finds a camera through the rendezvous, connects to it directly and
@@ -53,6 +53,9 @@ struct Cli {
     /// Local UDP address [default: 0.0.0.0:0].
     #[arg(long)]
     bind: Option<std::net::SocketAddr>,
+    /// Relay use: auto (direct preferred), never, or only.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "never", "only"])]
+    relay: String,
     /// Seconds allowed for reaching the rendezvous and the camera.
     #[arg(long, default_value_t = 5.0)]
     connect_timeout: f64,
@@ -109,6 +112,11 @@ fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
             "--json and -o - both use stdout: write the video to a file instead".into(),
         ));
     }
+    config.relay = match cli.relay.as_str() {
+        "never" => RelayMode::Never,
+        "only" => RelayMode::Only,
+        _ => RelayMode::Auto,
+    };
     config.max_frames = cli.frames;
     config.duration = cli.duration.map(|d| secs("duration", d)).transpose()?;
     config.connect_timeout = secs("connect-timeout", cli.connect_timeout)?;

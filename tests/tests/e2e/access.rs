@@ -25,8 +25,14 @@ async fn viewer_missing_from_access_list_is_refused_like_an_unknown_camera() {
     assert!(matches!(f, ViewError::NotAllowed { .. }), "{f}");
     assert!(matches!(u, ViewError::NotAllowed { .. }), "{u}");
     // Same words, apart from the camera ID itself: nothing to tell them apart.
-    assert_eq!(f.to_string().replace("cam-1", "X"), u.to_string().replace("cam-404", "X"));
-    assert!(f.to_string().contains("access list"), "says what to do: {f}");
+    assert_eq!(
+        f.to_string().replace("cam-1", "X"),
+        u.to_string().replace("cam-404", "X")
+    );
+    assert!(
+        f.to_string().contains("access list"),
+        "says what to do: {f}"
+    );
     cam.shutdown();
     rdv.shutdown();
 }
@@ -56,19 +62,34 @@ async fn camera_enforces_its_access_list_itself() {
 
 /// Dials the camera directly, bypassing the rendezvous, as `viewer`; returns how the
 /// camera closed the connection.
-async fn dial_camera_directly(pki: &Pki, viewer: &str, cam: std::net::SocketAddr) -> quinn::ConnectionError {
+async fn dial_camera_directly(
+    pki: &Pki,
+    viewer: &str,
+    cam: std::net::SocketAddr,
+) -> quinn::ConnectionError {
     let creds = pki.creds(Role::Viewer, viewer);
     let expect = Expect::Exactly(peercam_certs::Identity::new(Role::Camera, "cam-1").expect("id"));
     let tls = tls::client_config(&creds, &pki.trust(), expect, ALPN).expect("tls");
     let cfg = quic::quic_client(tls, quic::media_transport(None)).expect("quic");
-    let ep = quic::bind_endpoint(any_port(), None).expect("bind").endpoint;
-    let conn = within(5, "dial", ep.connect_with(cfg, cam, "camera").expect("dial"))
-        .await
-        .expect("handshake succeeds: the certificate itself is valid");
+    let ep = quic::bind_endpoint(any_port(), None)
+        .expect("bind")
+        .endpoint;
+    let conn = within(
+        5,
+        "dial",
+        ep.connect_with(cfg, cam, "camera").expect("dial"),
+    )
+    .await
+    .expect("handshake succeeds: the certificate itself is valid");
     let (mut send, _recv) = conn.open_bi().await.expect("stream");
-    frame::write(&mut send, &ToCamera::Hello { session: SessionId::random() })
-        .await
-        .expect("hello");
+    frame::write(
+        &mut send,
+        &ToCamera::Hello {
+            session: SessionId::random(),
+        },
+    )
+    .await
+    .expect("hello");
     within(5, "camera closes", conn.closed()).await
 }
 
@@ -81,7 +102,11 @@ async fn camera_refuses_direct_dials_without_a_valid_introduction() {
     for viewer in ["mallory", "alice"] {
         match dial_camera_directly(&pki, viewer, cam.local_addr()).await {
             quinn::ConnectionError::ApplicationClosed(c) => {
-                assert_eq!(c.error_code, quinn::VarInt::from_u32(close::ACCESS_DENIED), "{viewer}");
+                assert_eq!(
+                    c.error_code,
+                    quinn::VarInt::from_u32(close::ACCESS_DENIED),
+                    "{viewer}"
+                );
             }
             other => panic!("{viewer}: expected access denied, got {other}"),
         }
@@ -107,9 +132,16 @@ async fn offline_camera_is_a_clear_error_within_seconds() {
     let err = watch(viewer_config(&pki, "alice", rdv.local_addr(), "cam-1"))
         .await
         .expect_err("camera is offline");
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(matches!(err, ViewError::Offline { .. }), "{err}");
-    assert!(err.to_string().contains("cam-1 is offline (last seen"), "{err}");
+    assert!(
+        err.to_string().contains("cam-1 is offline (last seen"),
+        "{err}"
+    );
     // Someone not allowed learns nothing, not even that it was ever online.
     let err = watch(viewer_config(&pki, "mallory", rdv.local_addr(), "cam-1"))
         .await

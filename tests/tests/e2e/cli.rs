@@ -78,27 +78,67 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
         ("camera", "cam-1", vec![]),
         ("viewer", "alice", vec![]),
     ] {
-        let mut args = vec!["issue", "--ca", s(&ca), "--ca-key", s(&ca_key), "--role", role, "--id", id, "--out", s(d)];
+        let mut args = vec![
+            "issue",
+            "--ca",
+            s(&ca),
+            "--ca-key",
+            s(&ca_key),
+            "--role",
+            role,
+            "--id",
+            id,
+            "--out",
+            s(d),
+        ];
         args.extend(extra);
         let out = run("certs", &args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let inspect = run("certs", &["inspect", s(&d.join("camera-cam-1.pem"))]);
     let text = String::from_utf8_lossy(&inspect.stdout);
-    assert!(text.contains("role:        camera") && text.contains("id:          cam-1"), "{text}");
+    assert!(
+        text.contains("role:        camera") && text.contains("id:          cam-1"),
+        "{text}"
+    );
 
     let port = free_udp_port();
     let rdv_addr = format!("127.0.0.1:{port}");
     let (_rdv, rdv_log) = spawn(
         "rendezvous",
-        &["--listen", &rdv_addr, "--ca", s(&ca), "--cert", s(&d.join("rendezvous-rdv-1.pem")), "--key", s(&d.join("rendezvous-rdv-1.key"))],
+        &[
+            "--listen",
+            &rdv_addr,
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&d.join("rendezvous-rdv-1.pem")),
+            "--key",
+            s(&d.join("rendezvous-rdv-1.key")),
+        ],
     );
     wait_for_line(&rdv_log, "rendezvous listening", 10);
     let sample = sample_path();
     let (cam_cert, cam_key) = (d.join("camera-cam-1.pem"), d.join("camera-cam-1.key"));
     let cam_args = [
-        "--rendezvous", &rdv_addr, "--ca", s(&ca), "--cert", s(&cam_cert),
-        "--key", s(&cam_key), "--allow", "alice", "--source", s(&sample), "--bind", "127.0.0.1:0",
+        "--rendezvous",
+        &rdv_addr,
+        "--ca",
+        s(&ca),
+        "--cert",
+        s(&cam_cert),
+        "--key",
+        s(&cam_key),
+        "--allow",
+        "alice",
+        "--source",
+        s(&sample),
+        "--bind",
+        "127.0.0.1:0",
     ];
     let (mut cam, cam_log) = spawn("camera-agent", &cam_args);
     wait_for_line(&cam_log, "registered", 10);
@@ -106,33 +146,66 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
     let out_file = d.join("out.h264");
     let viewer_args = |camera: &'static str| {
         vec![
-            "--rendezvous".to_string(), rdv_addr.clone(), "--ca".into(), s(&ca).into(),
-            "--cert".into(), s(&d.join("viewer-alice.pem")).into(), "--key".into(), s(&d.join("viewer-alice.key")).into(),
-            "--bind".into(), "127.0.0.1:0".into(), camera.into(),
+            "--rendezvous".to_string(),
+            rdv_addr.clone(),
+            "--ca".into(),
+            s(&ca).into(),
+            "--cert".into(),
+            s(&d.join("viewer-alice.pem")).into(),
+            "--key".into(),
+            s(&d.join("viewer-alice.key")).into(),
+            "--bind".into(),
+            "127.0.0.1:0".into(),
+            camera.into(),
         ]
     };
     let mut args = viewer_args("cam-1");
     args.extend(["--frames", "30", "--json", "-o", s(&out_file)].map(String::from));
-    let out = Command::new(binary("viewer")).args(&args).output().expect("viewer runs");
-    assert!(out.status.success(), "viewer failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(binary("viewer"))
+        .args(&args)
+        .output()
+        .expect("viewer runs");
+    assert!(
+        out.status.success(),
+        "viewer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
-    for key in ["frames", "bytes", "path", "ttff_ms", "latency_p50_ms", "latency_p99_ms", "gops_dropped"] {
+    for key in [
+        "frames",
+        "bytes",
+        "path",
+        "ttff_ms",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "gops_dropped",
+    ] {
         assert!(summary.get(key).is_some(), "summary lacks {key}: {summary}");
     }
     assert_eq!(summary["frames"], 30);
     assert_eq!(ffprobe_frames(&out_file).expect("ffprobe"), 30);
 
     // Unknown camera: exit status 2 and a sentence saying what to do.
-    let out = Command::new(binary("viewer")).args(viewer_args("cam-404")).output().expect("runs");
+    let out = Command::new(binary("viewer"))
+        .args(viewer_args("cam-404"))
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("access list"));
 
     // Camera stopped with SIGTERM: it closes its connections, the viewer says offline.
     let pid = cam.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
     let _ = cam.0.wait();
     std::thread::sleep(Duration::from_millis(300));
-    let out = Command::new(binary("viewer")).args(viewer_args("cam-1")).output().expect("runs");
+    let out = Command::new(binary("viewer"))
+        .args(viewer_args("cam-1"))
+        .output()
+        .expect("runs");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("cam-1 is offline"), "{err}");
@@ -142,12 +215,35 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
 fn bad_config_names_the_file_and_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("camera.toml");
-    std::fs::write(&cfg, "rendezvous = [\"127.0.0.1:7400\"]\nsorce = \"clip.h264\"\n").expect("write");
+    std::fs::write(
+        &cfg,
+        "rendezvous = [\"127.0.0.1:7400\"]\nsorce = \"clip.h264\"\n",
+    )
+    .expect("write");
     let out = run("camera-agent", &["--config", s(&cfg)]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("camera.toml") && err.contains("line 2") && err.contains("sorce"), "{err}");
-    let out = run("certs", &["issue", "--ca", "/nonexistent/ca.pem", "--role", "camera", "--id", "c"]);
+    assert!(
+        err.contains("camera.toml") && err.contains("line 2") && err.contains("sorce"),
+        "{err}"
+    );
+    let out = run(
+        "certs",
+        &[
+            "issue",
+            "--ca",
+            "/nonexistent/ca.pem",
+            "--role",
+            "camera",
+            "--id",
+            "c",
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("CA certificate") && err.contains("/nonexistent/ca.pem"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("CA certificate")
+            && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
 }

@@ -15,10 +15,14 @@ async fn camera_error(pki: &Pki, creds: Credentials, rdv: std::net::SocketAddr) 
         .await
         .expect("agent starts");
     let mut status = cam.watch_status();
-    let s = within(10, "camera reports an error", status.wait_for(|s| s.last_error.is_some()))
-        .await
-        .expect("status")
-        .clone();
+    let s = within(
+        10,
+        "camera reports an error",
+        status.wait_for(|s| s.last_error.is_some()),
+    )
+    .await
+    .expect("status")
+    .clone();
     assert_eq!(s.registrations, 0, "must never have registered");
     cam.shutdown();
     s.last_error.unwrap_or_default()
@@ -35,7 +39,9 @@ async fn second_key_for_a_registered_id_is_rejected_and_genuine_stays_reachable(
     assert!(err.contains("another key"), "{err}");
     let mut config = viewer_config(&pki, "alice", rdv.local_addr(), "cam-1");
     config.max_frames = Some(5);
-    let summary = watch(config).await.expect("the genuine camera is still reachable");
+    let summary = watch(config)
+        .await
+        .expect("the genuine camera is still reachable");
     assert_eq!(summary.remote, genuine.local_addr().to_string());
     assert_eq!(rdv.cameras_online(), 1);
     genuine.shutdown();
@@ -61,7 +67,12 @@ async fn camera_refuses_a_rogue_rendezvous() {
     // A rendezvous whose certificate comes from another CA...
     let rogue = Pki::new();
     let rogue_rdv = start_rendezvous(&rogue, any_port()).await;
-    let err = camera_error(&pki, pki.creds(Role::Camera, "cam-1"), rogue_rdv.local_addr()).await;
+    let err = camera_error(
+        &pki,
+        pki.creds(Role::Camera, "cam-1"),
+        rogue_rdv.local_addr(),
+    )
+    .await;
     assert!(err.contains("handshake"), "{err}");
     assert_eq!(rogue_rdv.cameras_online(), 0);
     rogue_rdv.shutdown();
@@ -79,7 +90,13 @@ async fn camera_refuses_a_rogue_rendezvous() {
     fake.shutdown();
 }
 
-fn issue_with_validity(pki: &Pki, role: Role, id: &str, from: OffsetDateTime, to: OffsetDateTime) -> Credentials {
+fn issue_with_validity(
+    pki: &Pki,
+    role: Role,
+    id: &str,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> Credentials {
     let mut spec = Pki::spec(role, id);
     spec.not_before = Some(from);
     spec.not_after = Some(to);
@@ -97,7 +114,11 @@ async fn expired_not_yet_valid_and_foreign_viewers_are_refused() {
     let expired = issue_with_validity(&pki, Role::Viewer, "alice", now - 10 * day, now - day);
     let future = issue_with_validity(&pki, Role::Viewer, "alice", now + day, now + 10 * day);
     let foreign = Pki::new().creds(Role::Viewer, "alice");
-    for (what, creds) in [("expired", expired), ("not yet valid", future), ("foreign", foreign)] {
+    for (what, creds) in [
+        ("expired", expired),
+        ("not yet valid", future),
+        ("foreign", foreign),
+    ] {
         let err = watch(viewer_config_with(&pki, creds, rdv.local_addr(), "cam-1"))
             .await
             .expect_err(what);

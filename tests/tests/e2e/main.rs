@@ -6,4 +6,5 @@ mod access;
 mod cli;
 mod identity;
 mod recovery;
+mod relay;
 mod streaming;

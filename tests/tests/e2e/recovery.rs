@@ -16,7 +16,9 @@ async fn camera_reregisters_after_rendezvous_restart_and_viewers_connect_again()
     wait_registrations(&cam, 2).await;
     let mut config = viewer_config(&pki, "alice", addr, "cam-1");
     config.max_frames = Some(10);
-    let summary = watch(config).await.expect("viewer connects after the restart");
+    let summary = watch(config)
+        .await
+        .expect("viewer connects after the restart");
     assert_eq!(summary.frames, 10);
     cam.shutdown();
     rdv.shutdown();

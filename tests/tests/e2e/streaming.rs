@@ -17,7 +17,10 @@ async fn video_arrives_frame_by_frame_identical_and_decodes() {
     let summary = watch(config).await.expect("watching works");
 
     assert_eq!(summary.frames, 120);
-    assert_eq!(summary.path, "lan", "loopback peers reach each other by host candidate");
+    assert_eq!(
+        summary.path, "lan",
+        "loopback peers reach each other by host candidate"
+    );
     assert_eq!(summary.gops_dropped, 0);
     assert!(summary.ttff_ms.is_some());
 
@@ -25,7 +28,10 @@ async fn video_arrives_frame_by_frame_identical_and_decodes() {
     let sent = split_access_units(SAMPLE).expect("sample parses");
     let got = split_access_units(&std::fs::read(&out).expect("output")).expect("output parses");
     assert_eq!(got.len(), 120);
-    assert!(got[0].is_idr && got[0].has_parameter_sets, "starts decodable");
+    assert!(
+        got[0].is_idr && got[0].has_parameter_sets,
+        "starts decodable"
+    );
     let start = sent
         .iter()
         .position(|au| au.data == got[0].data)
