@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod lab;
+pub mod matrix;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -267,19 +269,17 @@ pub fn ffprobe_frames(path: &Path) -> Result<u64, String> {
 /// Path of a workspace binary built by `cargo build --bins` (the test command builds them
 /// first). Panics with the fix if it is missing.
 pub fn binary(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    // Tests run from target/<profile>/deps; the binaries live in target/<profile>.
-    let profile_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().and_then(|d| d.parent()).map(Path::to_path_buf))
-        .unwrap_or_else(|| target.join("debug"));
-    let path = profile_dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: run `cargo build --workspace --bins` first (scripts/test.sh does)",
-        path.display()
-    );
-    path
+    // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("current exe");
+    let dirs = exe.ancestors().skip(1).take(2);
+    for dir in dirs {
+        let path = dir.join(name);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!(
+        "binary {name} not found next to {}: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        exe.display()
+    )
 }

@@ -150,9 +150,10 @@ pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, V
     let link = dial(config, &endpoint, &candidates, relay, rtt_hint).await;
     rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"connected");
     let (conn, remote) = link?;
+    // A host candidate that is also the observed address is a public host: direct.
     let path = if Some(remote) == relay {
         Path::Relay
-    } else if camera_local.contains(&remote) {
+    } else if camera_local.contains(&remote) && remote != observed {
         Path::Lan
     } else {
         Path::Direct

@@ -5,6 +5,7 @@
 mod access;
 mod cli;
 mod identity;
+mod nat;
 mod recovery;
 mod relay;
 mod streaming;

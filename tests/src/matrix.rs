@@ -1,0 +1,334 @@
+//! The NAT matrix: every combination of NATs from LAB.md, each run with the real
+//! rendezvous, camera-agent and viewer binaries inside a fresh [`Lab`], reporting the path
+//! taken and the times a user notices.
+//!
+//! Used by the `nat-matrix` binary (prints a table, writes JSON) and by the e2e test that
+//! runs the CI part of the matrix.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use peercam_certs::{Ca, Identity, LeafSpec, Role};
+use serde::Serialize;
+
+use crate::lab::{Lab, LabSpec, Nat, Side};
+use crate::{binary, sample_path};
+
+/// One case of the matrix.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// The topology.
+    pub spec: LabSpec,
+    /// The path the viewer must report.
+    pub expect: &'static str,
+}
+
+/// What one case did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// Camera side NAT.
+    pub camera: String,
+    /// Viewer side NAT.
+    pub viewer: String,
+    /// Packet loss in percent.
+    pub loss: u8,
+    /// Expected path.
+    pub expected: String,
+    /// Path the viewer reported.
+    pub path: Option<String>,
+    /// Viewer start to connected to the camera, ms.
+    pub connect_ms: Option<f64>,
+    /// Viewer start to first frame, ms.
+    pub ttff_ms: Option<f64>,
+    /// Frames received.
+    pub frames: u64,
+    /// Whether the case passed.
+    pub ok: bool,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+fn name(n: Nat) -> &'static str {
+    match n {
+        Nat::Public => "public",
+        Nat::FullCone => "full-cone",
+        Nat::PortRestricted => "port-restricted",
+        Nat::Symmetric => "symmetric",
+        Nat::DoubleNat => "double-nat",
+    }
+}
+
+fn case(camera: Nat, viewer: Nat, loss: u8, expect: &'static str) -> Case {
+    Case {
+        spec: LabSpec {
+            camera,
+            viewer,
+            same_lan: false,
+            loss_percent: loss,
+        },
+        expect,
+    }
+}
+
+/// Every case of LAB.md's matrix, with 5 % loss variants.
+pub fn cases() -> Vec<Case> {
+    use Nat::*;
+    let mut v = vec![
+        case(Public, PortRestricted, 0, "direct"),
+        case(PortRestricted, PortRestricted, 0, "direct"),
+        case(PortRestricted, Symmetric, 0, "relay"),
+        case(Symmetric, PortRestricted, 0, "relay"),
+        case(Symmetric, Symmetric, 0, "relay"),
+        case(FullCone, Symmetric, 0, "direct"),
+        case(Public, Symmetric, 0, "direct"),
+        case(DoubleNat, PortRestricted, 0, "direct"),
+        Case {
+            spec: LabSpec {
+                camera: PortRestricted,
+                viewer: PortRestricted,
+                same_lan: true,
+                loss_percent: 0,
+            },
+            expect: "lan",
+        },
+    ];
+    let lossy: Vec<Case> = v
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            c.spec.loss_percent = 5;
+            c
+        })
+        .collect();
+    v.extend(lossy);
+    v
+}
+
+/// Kills the child when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_logged(mut cmd: std::process::Command) -> Result<(Proc, mpsc::Receiver<String>), String> {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((Proc(child), rx))
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) if line.contains(needle) => return Ok(()),
+            Ok(line) => seen.push(line),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    Err(format!(
+        "no {needle:?} within {within:?}; log: {}",
+        seen.join(" | ")
+    ))
+}
+
+/// Writes a CA, a rendezvous certificate for the lab address, a camera and a viewer.
+fn write_pki(dir: &Path) -> Result<(), String> {
+    let (ca, _) = Ca::generate("lab CA", 2).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).map_err(|e| e.to_string())?;
+    let issue = |role: Role, id: &str, ip: Option<std::net::IpAddr>| -> Result<(), String> {
+        let mut spec = LeafSpec::new(Identity::new(role, id).map_err(|e| e.to_string())?);
+        spec.ips.extend(ip);
+        let issued = ca.issue(&spec).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join(format!("{id}.pem")), issued.cert_pem)
+            .map_err(|e| e.to_string())?;
+        std::fs::write(dir.join(format!("{id}.key")), issued.key_pem).map_err(|e| e.to_string())
+    };
+    issue(Role::Rendezvous, "rdv", Some(Lab::RENDEZVOUS_IP.into()))?;
+    issue(Role::Camera, "cam-1", None)?;
+    issue(Role::Viewer, "alice", None)
+}
+
+/// Runs one case: builds the lab, runs the three binaries in it, reads the viewer's
+/// summary. Everything it started is gone when it returns.
+pub fn run_case(case: &Case) -> Outcome {
+    let mut out = Outcome {
+        camera: name(case.spec.camera).into(),
+        viewer: if case.spec.same_lan {
+            "same LAN".into()
+        } else {
+            name(case.spec.viewer).into()
+        },
+        loss: case.spec.loss_percent,
+        expected: case.expect.into(),
+        path: None,
+        connect_ms: None,
+        ttff_ms: None,
+        frames: 0,
+        ok: false,
+        error: None,
+    };
+    match run_inner(case, &mut out) {
+        Ok(()) => {
+            out.ok = out.path.as_deref() == Some(case.expect) && out.frames >= FRAMES;
+            if !out.ok {
+                out.error = Some(format!(
+                    "expected path {} and {FRAMES} frames, got {:?} and {}",
+                    case.expect, out.path, out.frames
+                ));
+            }
+        }
+        Err(e) => out.error = Some(e),
+    }
+    out
+}
+
+/// Frames each case must receive.
+pub const FRAMES: u64 = 25;
+
+fn run_inner(case: &Case, out: &mut Outcome) -> Result<(), String> {
+    let lab = Lab::build(&case.spec).map_err(|e| format!("lab: {e}"))?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let d = dir.path();
+    write_pki(d)?;
+    let p = |f: &str| d.join(f).display().to_string();
+    let rdv = SocketAddr::new(Lab::RENDEZVOUS_IP.into(), 7400).to_string();
+
+    let mut cmd = lab.command(lab.internet_ns(), binary("rendezvous"));
+    cmd.args([
+        "--listen",
+        &rdv,
+        "--ca",
+        &p("ca.pem"),
+        "--cert",
+        &p("rdv.pem"),
+        "--key",
+        &p("rdv.key"),
+    ]);
+    let (_rdv, rdv_log) = spawn_logged(cmd)?;
+    wait_line(&rdv_log, "rendezvous listening", Duration::from_secs(10))?;
+
+    let bind = format!("0.0.0.0:{}", lab.fixed_port(Side::Camera).unwrap_or(0));
+    let mut cmd = lab.command(lab.host_ns(Side::Camera), binary("camera-agent"));
+    cmd.args([
+        "--rendezvous",
+        &rdv,
+        "--ca",
+        &p("ca.pem"),
+        "--cert",
+        &p("cam-1.pem"),
+        "--key",
+        &p("cam-1.key"),
+    ])
+    .args(["--allow", "alice", "--bind", &bind, "--source"])
+    .arg(sample_path());
+    let (_cam, cam_log) = spawn_logged(cmd)?;
+    wait_line(&cam_log, "registered", Duration::from_secs(15))?;
+
+    let bind = format!("0.0.0.0:{}", lab.fixed_port(Side::Viewer).unwrap_or(0));
+    let mut cmd = lab.command(lab.host_ns(Side::Viewer), binary("viewer"));
+    cmd.args([
+        "--rendezvous",
+        &rdv,
+        "--ca",
+        &p("ca.pem"),
+        "--cert",
+        &p("alice.pem"),
+        "--key",
+        &p("alice.key"),
+    ])
+    .args([
+        "--bind",
+        &bind,
+        "cam-1",
+        "--json",
+        "--frames",
+        &FRAMES.to_string(),
+    ])
+    .args(["--connect-timeout", "5"])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the viewer: {e}"))?;
+    let output = wait_output(child, Duration::from_secs(40))?;
+    if !output.status.success() {
+        return Err(format!(
+            "viewer failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("viewer printed no JSON summary: {e}"))?;
+    out.path = v["path"].as_str().map(String::from);
+    out.connect_ms = v["connect_ms"].as_f64();
+    out.ttff_ms = v["ttff_ms"].as_f64();
+    out.frames = v["frames"].as_u64().unwrap_or(0);
+    Ok(())
+}
+
+/// Waits for a child with a bound; kills it when the bound passes.
+fn wait_output(child: Child, limit: Duration) -> Result<std::process::Output, String> {
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            Err(format!("viewer did not finish within {limit:?}"))
+        }
+    }
+}
+
+/// Formats outcomes as a text table.
+pub fn table(outcomes: &[Outcome]) -> String {
+    let mut s = format!(
+        "{:<16} {:<16} {:>5} {:<8} {:<8} {:>11} {:>9} {:>4}\n",
+        "camera NAT", "viewer NAT", "loss", "expect", "path", "connect ms", "ttff ms", "ok"
+    );
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+    for o in outcomes {
+        s += &format!(
+            "{:<16} {:<16} {:>4}% {:<8} {:<8} {:>11} {:>9} {:>4}\n",
+            o.camera,
+            o.viewer,
+            o.loss,
+            o.expected,
+            o.path.as_deref().unwrap_or("-"),
+            f(o.connect_ms),
+            f(o.ttff_ms),
+            if o.ok { "ok" } else { "FAIL" }
+        );
+        if let Some(e) = &o.error {
+            s += &format!("    error: {e}\n");
+        }
+    }
+    s
+}
