@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use peercam_certs::Role;
-use peercam_common::tls::{Credentials, TlsError, Trust};
+use peercam_common::tls::{Credentials, DenyList, TlsError, Trust};
 use peercam_common::ViewerId;
 use serde::Deserialize;
 
@@ -44,6 +44,12 @@ pub struct FileConfig {
     pub max_viewers: Option<usize>,
     /// Latency budget in milliseconds.
     pub latency_budget_ms: Option<u64>,
+    /// Revoked identities, as `role/id` (e.g. `viewer/mallory`).
+    #[serde(default)]
+    pub revoked_ids: Vec<String>,
+    /// Revoked certificates, as SHA-256 fingerprints (`certs inspect` prints them).
+    #[serde(default)]
+    pub revoked_certs: Vec<String>,
 }
 
 /// Errors in the configuration.
@@ -123,7 +129,8 @@ impl FileConfig {
         )?;
         let mut config = Config::new(
             Credentials::load(cert, key, Role::Camera)?,
-            Trust::load(ca)?,
+            Trust::load(ca)?
+                .with_deny_list(DenyList::parse(&self.revoked_ids, &self.revoked_certs)?),
             rendezvous,
             source,
         );

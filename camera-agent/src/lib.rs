@@ -15,7 +15,7 @@ mod serve;
 pub mod source;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,12 @@ pub const DEFAULT_LATENCY_BUDGET: Duration = Duration::from_millis(1500);
 pub const SESSION_TTL: Duration = Duration::from_secs(15);
 /// Most introductions waiting for their viewer at once.
 pub const MAX_PENDING_SESSIONS: usize = 64;
+/// Introductions answered in a burst; beyond it, at [`INTRO_RATE`] per second. Each
+/// accepted introduction sends at most `punch::MAX_PACKETS` tiny packets, so even a
+/// compromised rendezvous cannot turn the camera into a packet cannon.
+pub const INTRO_BURST: f64 = 16.0;
+/// Introductions per second sustained.
+pub const INTRO_RATE: f64 = 4.0;
 
 /// Runtime configuration of the agent.
 #[derive(Debug, Clone)]
@@ -126,6 +132,10 @@ pub struct Status {
 struct PendingSession {
     viewer: ViewerId,
     expires: Instant,
+    /// Addresses the viewer's packets may come from (its candidates, the relay).
+    ips: Vec<IpAddr>,
+    /// RTT to the viewer estimated through the rendezvous.
+    rtt: Duration,
 }
 
 /// State shared by the agent's tasks.
@@ -133,11 +143,23 @@ struct PendingSession {
 pub(crate) struct State {
     access: RwLock<HashSet<ViewerId>>,
     sessions: Mutex<HashMap<SessionId, PendingSession>>,
+    intro_tokens: Mutex<(f64, Instant)>,
     fanout: Arc<Fanout>,
     status: watch::Sender<Status>,
     source_ended: CancellationToken,
     max_viewers: usize,
     latency_budget: Duration,
+    /// The media server configuration; each viewer connection gets a copy whose
+    /// `initial_rtt` comes from its introduction.
+    server_config: quinn::ServerConfig,
+}
+
+/// Transport of the camera's media connections.
+fn camera_media_transport(initial_rtt: Option<Duration>) -> quinn::TransportConfig {
+    let mut t = quic::media_transport(initial_rtt);
+    // Writes block once this much is queued, so a stalled viewer shows up as a timeout.
+    t.send_window(4 * 1024 * 1024);
+    t
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -170,6 +192,8 @@ impl State {
         now: Instant,
         session: SessionId,
         viewer: ViewerId,
+        ips: Vec<IpAddr>,
+        rtt: Duration,
     ) -> bool {
         let mut s = lock(&self.sessions);
         s.retain(|_, p| p.expires > now);
@@ -181,9 +205,35 @@ impl State {
             PendingSession {
                 viewer,
                 expires: now + SESSION_TTL,
+                ips,
+                rtt,
             },
         );
         true
+    }
+
+    /// Takes one introduction token; false when introductions arrive too fast.
+    pub(crate) fn take_intro_token(&self, now: Instant) -> bool {
+        let mut t = lock(&self.intro_tokens);
+        let refill = now.saturating_duration_since(t.1).as_secs_f64() * INTRO_RATE;
+        *t = ((t.0 + refill).min(INTRO_BURST), now);
+        if t.0 < 1.0 {
+            return false;
+        }
+        t.0 -= 1.0;
+        true
+    }
+
+    /// The server configuration for a connection from `ip`: with the RTT of the
+    /// introduction it belongs to, so lost handshake packets are resent in time.
+    pub(crate) fn server_config_for(&self, ip: IpAddr) -> quinn::ServerConfig {
+        let rtt = lock(&self.sessions)
+            .values()
+            .find(|p| p.ips.contains(&ip))
+            .map(|p| p.rtt);
+        let mut config = self.server_config.clone();
+        config.transport_config(Arc::new(camera_media_transport(rtt)));
+        config
     }
 
     /// Consumes a session: valid once, for the viewer it was made for, before it expires.
@@ -255,17 +305,15 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     }
     let creds = &config.credentials;
     let media_tls = tls::server_config(creds, &config.trust, &[Role::Viewer], media::ALPN)?;
-    let mut media_transport = quic::media_transport(None);
-    // Writes block once this much is queued, so a stalled viewer shows up as a timeout.
-    media_transport.send_window(4 * 1024 * 1024);
-    let server = quic::quic_server(media_tls, media_transport)?;
+    let server = quic::quic_server(media_tls, camera_media_transport(None))?;
     let rdv_tls = tls::client_config(creds, &config.trust, Expect::Rendezvous, rdv::ALPN)?;
     let rdv_client = quic::quic_client(rdv_tls, quic::rendezvous_transport())?;
-    let shared =
-        quic::bind_endpoint(config.bind, Some(server)).map_err(|source| StartError::Bind {
+    let shared = quic::bind_endpoint(config.bind, Some(server.clone())).map_err(|source| {
+        StartError::Bind {
             addr: config.bind,
             source,
-        })?;
+        }
+    })?;
     let local_addr = shared
         .endpoint
         .local_addr()
@@ -277,11 +325,13 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let state = Arc::new(State {
         access: RwLock::new(config.access.iter().cloned().collect()),
         sessions: Mutex::default(),
+        intro_tokens: Mutex::new((INTRO_BURST, Instant::now())),
         fanout: Arc::new(Fanout::new()),
         status: status_tx,
         source_ended: CancellationToken::new(),
         max_viewers: config.max_viewers,
         latency_budget: config.latency_budget,
+        server_config: server,
     });
     let cancel = CancellationToken::new();
     let camera = creds.identity.id.clone();

@@ -135,7 +135,7 @@ async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> End
                 viewer_observed,
                 viewer_local,
                 relay,
-                ..
+                viewer_rtt_us,
             })) => {
                 let mut candidates = vec![viewer_observed];
                 candidates.extend(viewer_local);
@@ -144,6 +144,7 @@ async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> End
                     viewer,
                     candidates,
                     relay,
+                    rtt: conn.rtt() + Duration::from_micros(viewer_rtt_us),
                 };
                 let reply = introduce(client, state, local, intro, &mut punches);
                 if let Err(e) = frame::write(&mut send, &reply).await {
@@ -168,6 +169,7 @@ struct Intro {
     viewer: ViewerId,
     candidates: Vec<SocketAddr>,
     relay: Option<RelayOffer>,
+    rtt: Duration,
 }
 
 /// Answers one introduction: checks the access list, punches, accepts.
@@ -183,12 +185,19 @@ fn introduce(
         viewer,
         candidates,
         relay,
+        rtt,
     } = intro;
     if !state.allowed(&viewer) {
         warn!(%viewer, "introduction for a viewer not on the access list: declined");
         return ToRendezvous::Decline { session };
     }
-    if !state.expect_session(Instant::now(), session, viewer.clone()) {
+    if !state.take_intro_token(Instant::now()) {
+        warn!(%viewer, "introductions arriving too fast: declined");
+        return ToRendezvous::Decline { session };
+    }
+    let mut ips: Vec<_> = candidates.iter().map(|a| a.ip()).collect();
+    ips.extend(relay.map(|r| r.addr.ip()));
+    if !state.expect_session(Instant::now(), session, viewer.clone(), ips, rtt) {
         warn!(%viewer, "too many pending introductions: declined");
         return ToRendezvous::Decline { session };
     }

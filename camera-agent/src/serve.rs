@@ -55,7 +55,12 @@ fn deny(conn: &quinn::Connection, code: u32, why: &str) {
 }
 
 async fn serve_viewer(incoming: quinn::Incoming, state: Arc<State>, cancel: CancellationToken) {
-    let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+    let config = state.server_config_for(incoming.remote_address().ip());
+    let connecting = match incoming.accept_with(Arc::new(config)) {
+        Ok(c) => c,
+        Err(e) => return warn!(error = %e, "cannot accept viewer"),
+    };
+    let conn = match tokio::time::timeout(HELLO_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return warn!(error = %e, "viewer handshake failed"),
         Err(_) => return warn!("viewer handshake timed out"),

@@ -55,6 +55,29 @@ impl Fingerprint {
     }
 }
 
+impl std::str::FromStr for Fingerprint {
+    type Err = CertError;
+
+    /// Parses 64 hex digits (colons allowed, as `openssl` prints them).
+    fn from_str(s: &str) -> Result<Self, CertError> {
+        let hex: Vec<u8> = s.bytes().filter(|b| *b != b':').collect();
+        let bad = || {
+            CertError::Parse(format!(
+                "{s:?} is not a SHA-256 fingerprint (64 hex digits)"
+            ))
+        };
+        if hex.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).map_err(|_| bad())?;
+            out[i] = u8::from_str_radix(text, 16).map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(out))
+    }
+}
+
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in self.0 {
@@ -141,7 +164,11 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_is_hex() {
-        assert_eq!(Fingerprint::of(b"").to_string().len(), 64);
+    fn fingerprint_is_hex_and_parses_back() {
+        let f = Fingerprint::of(b"");
+        assert_eq!(f.to_string().len(), 64);
+        assert_eq!(f.to_string().parse::<Fingerprint>().unwrap(), f);
+        assert!("abc".parse::<Fingerprint>().is_err());
+        assert!("zz".repeat(32).parse::<Fingerprint>().is_err());
     }
 }

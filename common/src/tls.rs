@@ -146,6 +146,24 @@ pub struct DenyList {
 }
 
 impl DenyList {
+    /// Builds a deny list from identities written `role/id` (e.g. `viewer/mallory`) and
+    /// certificate SHA-256 fingerprints (as `certs inspect` prints them).
+    pub fn parse(ids: &[String], certs: &[String]) -> Result<Self, TlsError> {
+        let mut deny = DenyList::default();
+        for entry in ids {
+            let (role, id) = entry.split_once('/').ok_or_else(|| {
+                TlsError::BadCa(format!(
+                    "revoked identity {entry:?}: write it as role/id, e.g. viewer/mallory"
+                ))
+            })?;
+            deny.identities.insert(Identity::new(role.parse()?, id)?);
+        }
+        for fp in certs {
+            deny.certs.insert(fp.parse()?);
+        }
+        Ok(deny)
+    }
+
     fn check(&self, der: &[u8], identity: &Identity) -> Result<(), rustls::Error> {
         if self.certs.contains(&Fingerprint::of(der)) || self.identities.contains(identity) {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use peercam_certs::Role;
-use peercam_common::tls::{Credentials, TlsError, Trust};
+use peercam_common::tls::{Credentials, DenyList, TlsError, Trust};
 use serde::Deserialize;
 
 use crate::server::{Config, Limits};
@@ -47,6 +47,12 @@ pub struct FileConfig {
     pub relay_max_sessions: Option<usize>,
     /// Public IP the relay advertises (a VM behind 1:1 NAT).
     pub relay_public_ip: Option<std::net::IpAddr>,
+    /// Revoked identities, as `role/id` (e.g. `viewer/mallory`).
+    #[serde(default)]
+    pub revoked_ids: Vec<String>,
+    /// Revoked certificates, as SHA-256 fingerprints (`certs inspect` prints them).
+    #[serde(default)]
+    pub revoked_certs: Vec<String>,
 }
 
 /// Errors in the configuration.
@@ -132,7 +138,8 @@ impl FileConfig {
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
             credentials: Credentials::load(cert, key, Role::Rendezvous)?,
-            trust: Trust::load(ca)?,
+            trust: Trust::load(ca)?
+                .with_deny_list(DenyList::parse(&self.revoked_ids, &self.revoked_certs)?),
             limits,
         })
     }

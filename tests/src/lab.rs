@@ -433,6 +433,20 @@ fn fresh_prefix() -> String {
     )
 }
 
+/// Namespaces made by this process that still exist (none, once every [`Lab`] is
+/// dropped).
+pub fn leftovers() -> Vec<String> {
+    let me = std::process::id();
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    let Ok(out) = out else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| creator_pid(n) == Some(me))
+        .map(String::from)
+        .collect()
+}
+
 /// The creator PID encoded in a lab name (`pc<pid36>_<n36>[-...|...]`), if it is one.
 fn creator_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(FAMILY)?;

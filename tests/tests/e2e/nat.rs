@@ -1,7 +1,7 @@
 //! Through real NATs: the whole matrix of LAB.md, with the real binaries in network
 //! namespaces. Needs root; in CI (which runs as root) it must run, never skip.
 
-use peercam_tests::lab::{require_root, sweep_stale};
+use peercam_tests::lab::{leftovers, require_root, sweep_stale};
 use peercam_tests::matrix::{cases, run_case, table};
 
 #[test]
@@ -20,4 +20,5 @@ fn every_nat_case_connects_on_the_expected_path() {
     eprintln!("{report}");
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.ok).collect();
     assert!(failed.is_empty(), "NAT cases failed:\n{report}");
+    assert_eq!(leftovers(), Vec::<String>::new(), "namespaces left behind");
 }
