@@ -37,6 +37,9 @@ pub struct FileConfig {
     pub lookup_rate: Option<f64>,
     /// Lookups one viewer may make in a burst.
     pub lookup_burst: Option<f64>,
+    /// Unvalidated handshakes in progress above which clients must answer a QUIC Retry
+    /// first (default 64; 0 = always).
+    pub retry_threshold: Option<usize>,
     /// Offer a relay when no direct path works (default true).
     pub relay: Option<bool>,
     /// Most megabytes relayed per session.
@@ -117,6 +120,9 @@ impl FileConfig {
         }
         if let Some(b) = self.lookup_burst {
             limits.registry.lookup_burst = b.max(1.0);
+        }
+        if let Some(n) = self.retry_threshold {
+            limits.retry_threshold = n;
         }
         if self.relay == Some(false) {
             limits.relay = None;

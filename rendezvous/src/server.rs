@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,10 @@ pub struct Limits {
     pub first_message_timeout: Duration,
     /// How long shutdown waits for close frames to reach peers.
     pub drain: Duration,
+    /// Unvalidated handshakes in progress above which new clients must first prove their
+    /// address with a QUIC Retry (0: always). Below it, quinn's anti-amplification limit
+    /// applies (three times what the address sent, plus at most one datagram).
+    pub retry_threshold: usize,
     /// Relay limits; `None` disables the relay.
     pub relay: Option<RelayLimits>,
     /// Address the relay advertises, when the listen address is not the public one (a
@@ -57,6 +61,7 @@ impl Default for Limits {
             max_connections: 250_000,
             first_message_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(2),
+            retry_threshold: 64,
             relay: Some(RelayLimits::default()),
             relay_public_ip: None,
         }
@@ -150,6 +155,7 @@ struct Shared {
     cameras: Mutex<HashMap<ConnId, CameraLink>>,
     pending: Mutex<HashMap<SessionId, Pending>>,
     next_conn: AtomicU64,
+    handshaking: AtomicUsize,
     limits: Limits,
 }
 
@@ -196,6 +202,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         cameras: Mutex::default(),
         pending: Mutex::default(),
         next_conn: AtomicU64::new(1),
+        handshaking: AtomicUsize::new(0),
         limits: config.limits,
     });
     let cancel = CancellationToken::new();
@@ -225,6 +232,12 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: Can
                     continue;
                 }
                 let remote = incoming.remote_address();
+                let busy = shared.handshaking.load(Ordering::Relaxed) >= shared.limits.retry_threshold;
+                if busy && !incoming.remote_address_validated() && incoming.may_retry() {
+                    debug!(%remote, "asking for address validation (Retry)");
+                    let _ = incoming.retry();
+                    continue;
+                }
                 tasks.spawn(
                     handle_incoming(incoming, shared.clone(), cancel.clone())
                         .instrument(info_span!("conn", %remote)),
@@ -257,7 +270,10 @@ async fn handle_incoming(
     cancel: CancellationToken,
 ) {
     let limit = shared.limits.first_message_timeout;
-    let conn = match tokio::time::timeout(limit, incoming).await {
+    shared.handshaking.fetch_add(1, Ordering::Relaxed);
+    let handshake = tokio::time::timeout(limit, incoming).await;
+    shared.handshaking.fetch_sub(1, Ordering::Relaxed);
+    let conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             warn!(error = %e, "handshake failed");

@@ -8,4 +8,5 @@ mod identity;
 mod nat;
 mod recovery;
 mod relay;
+mod security;
 mod streaming;
