@@ -22,17 +22,18 @@ pub const ROUNDS: [Duration; 3] = [
 /// Upper bound of packets per introduction.
 pub const MAX_PACKETS: usize = MAX_TARGETS * ROUNDS.len();
 
-/// The targets to punch: deduplicated, of the socket's address family (an IPv4 socket
-/// cannot reach IPv6), no unspecified or multicast addresses, at most [`MAX_TARGETS`].
+/// The targets to punch, in the form the socket bound to `local` sends to: deduplicated,
+/// reachable from the socket's family (an IPv4 socket cannot reach IPv6), no unspecified
+/// or multicast addresses, at most [`MAX_TARGETS`].
 pub fn targets(candidates: &[SocketAddr], local: SocketAddr) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::new();
     for c in candidates {
-        let usable = !c.ip().is_unspecified()
-            && !c.ip().is_multicast()
-            && c.port() != 0
-            && (local.is_ipv6() || c.is_ipv4());
-        if usable && !out.contains(c) {
-            out.push(*c);
+        let usable = !c.ip().is_unspecified() && !c.ip().is_multicast() && c.port() != 0;
+        let Some(c) = peercam_common::net::for_socket(local, *c).filter(|_| usable) else {
+            continue;
+        };
+        if !out.contains(&c) {
+            out.push(c);
         }
         if out.len() == MAX_TARGETS {
             break;

@@ -69,10 +69,20 @@ pub(crate) async fn run(mut client: Client, state: Arc<State>, cancel: Cancellat
 }
 
 async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> Ended {
+    let local = client
+        .endpoint
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let Some(addr) = peercam_common::net::for_socket(local, target.addr) else {
+        return Ended::Failed(format!(
+            "this socket ({local}) cannot reach {}",
+            target.addr
+        ));
+    };
     let connecting =
         match client
             .endpoint
-            .connect_with(client.config.clone(), target.addr, &target.server_name)
+            .connect_with(client.config.clone(), addr, &target.server_name)
         {
             Ok(c) => c,
             Err(e) => return Ended::Failed(format!("cannot dial {}: {e}", target.addr)),
@@ -82,10 +92,6 @@ async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> End
         Ok(Err(e)) => return Ended::Failed(format!("handshake with {} failed: {e}", target.addr)),
         Err(_) => return Ended::Failed(format!("{} did not answer", target.addr)),
     };
-    let local = client
-        .endpoint
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (mut send, mut recv) = match conn.open_bi().await {
         Ok(s) => s,
         Err(e) => return Ended::Failed(format!("cannot open control stream: {e}")),
@@ -195,15 +201,18 @@ fn introduce(
         warn!(%viewer, "introductions arriving too fast: declined");
         return ToRendezvous::Decline { session };
     }
-    let mut ips: Vec<_> = candidates.iter().map(|a| a.ip()).collect();
-    ips.extend(relay.map(|r| r.addr.ip()));
+    let mut ips: Vec<_> = candidates.iter().map(|a| a.ip().to_canonical()).collect();
+    ips.extend(relay.map(|r| r.addr.ip().to_canonical()));
     if !state.expect_session(Instant::now(), session, viewer.clone(), ips, rtt) {
         warn!(%viewer, "too many pending introductions: declined");
         return ToRendezvous::Decline { session };
     }
     let targets = punch::targets(&candidates, local);
     // The relay gets a hello carrying its token: that is how it learns our address.
-    let hello = relay.map(|r| (r.addr, [RELAY_HELLO, &r.token[..]].concat()));
+    let hello = relay.and_then(|r| {
+        let addr = peercam_common::net::for_socket(local, r.addr)?;
+        Some((addr, [RELAY_HELLO, &r.token[..]].concat()))
+    });
     let send_round = move |socket: &UdpSocket| {
         for addr in &targets {
             let _ = socket.send_to(punch::PUNCH, addr);

@@ -55,7 +55,7 @@ fn deny(conn: &quinn::Connection, code: u32, why: &str) {
 }
 
 async fn serve_viewer(incoming: quinn::Incoming, state: Arc<State>, cancel: CancellationToken) {
-    let config = state.server_config_for(incoming.remote_address().ip());
+    let config = state.server_config_for(incoming.remote_address().ip().to_canonical());
     let connecting = match incoming.accept_with(Arc::new(config)) {
         Ok(c) => c,
         Err(e) => return warn!(error = %e, "cannot accept viewer"),

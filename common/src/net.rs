@@ -51,6 +51,27 @@ impl std::fmt::Display for RendezvousAddr {
     }
 }
 
+/// The address with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack
+/// socket reports for an IPv4 peer) turned back into plain IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The form of `target` that a socket bound to `local` can send to: IPv4 targets become
+/// IPv4-mapped for an IPv6 (dual-stack) socket. `None` if the socket cannot reach it.
+pub fn for_socket(local: SocketAddr, target: SocketAddr) -> Option<SocketAddr> {
+    match (local, target) {
+        (SocketAddr::V6(_), SocketAddr::V4(t)) => {
+            Some(SocketAddr::new(t.ip().to_ipv6_mapped().into(), t.port()))
+        }
+        (SocketAddr::V4(_), SocketAddr::V6(t)) => t
+            .ip()
+            .to_ipv4_mapped()
+            .map(|v4| SocketAddr::new(v4.into(), t.port())),
+        _ => Some(target),
+    }
+}
+
 /// The addresses a socket bound to `bound` can be reached at on the local networks.
 ///
 /// A socket bound to one address announces that address. A socket bound to the unspecified
@@ -91,6 +112,18 @@ mod tests {
         assert_eq!(r.addr.port(), 7400);
         let err = RendezvousAddr::parse("nohost").unwrap_err().to_string();
         assert!(err.contains("host:port"), "{err}");
+    }
+
+    #[test]
+    fn mapped_addresses_are_normalised_both_ways() {
+        let v4: SocketAddr = "198.18.0.5:7".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:198.18.0.5]:7".parse().unwrap();
+        assert_eq!(canonical(mapped), v4);
+        let v6_local: SocketAddr = "[::]:0".parse().unwrap();
+        let v4_local: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        assert_eq!(for_socket(v6_local, v4), Some(mapped));
+        assert_eq!(for_socket(v4_local, mapped), Some(v4));
+        assert_eq!(for_socket(v4_local, "[2001:2::1]:7".parse().unwrap()), None);
     }
 
     #[test]

@@ -164,7 +164,7 @@ impl Session {
                 _ = tokio::time::sleep_until(idle_at) => break "idle",
                 r = self.viewer_sock.recv_from(&mut vbuf) => {
                     let Ok((n, from)) = r else { continue };
-                    if viewer.is_none() && from.ip() == self.peers.viewer_ip {
+                    if viewer.is_none() && from.ip().to_canonical() == self.peers.viewer_ip {
                         viewer = Some(from);
                     }
                     if Some(from) != viewer {
@@ -179,7 +179,7 @@ impl Session {
                 r = self.camera_sock.recv_from(&mut cbuf) => {
                     let Ok((n, from)) = r else { continue };
                     if is_hello(&cbuf[..n], &self.token) {
-                        if from.ip() == self.peers.camera_ip && camera.is_none() {
+                        if from.ip().to_canonical() == self.peers.camera_ip && camera.is_none() {
                             debug!(%from, "camera announced");
                             camera = Some(from);
                         }

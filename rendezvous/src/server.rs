@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use peercam_certs::Role;
 use peercam_common::frame::{self, FrameError};
+use peercam_common::net::canonical;
 use peercam_common::rdv::{
     close, FromRendezvous, Refusal, RelayOffer, ToRendezvous, ALPN, MAX_ACCESS_LIST,
     MAX_LOCAL_ADDRS,
@@ -340,7 +341,7 @@ async fn camera_session(
         _ => return close_conn(&conn, close::PROTOCOL, "expected Register"),
     };
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let observed = conn.remote_address();
+    let observed = canonical(conn.remote_address());
     let registered = shared.registry().register(
         Instant::now(),
         &camera,
@@ -538,7 +539,7 @@ async fn introduce(
     let intro = FromRendezvous::Introduce {
         session,
         viewer: viewer.clone(),
-        viewer_observed: viewer_conn.remote_address(),
+        viewer_observed: canonical(viewer_conn.remote_address()),
         viewer_local,
         viewer_rtt_us: viewer_conn.rtt().as_micros() as u64,
         relay: relay.map(|a| RelayOffer {
@@ -560,7 +561,7 @@ async fn introduce(
             info!(%camera, %session, "introduced");
             FromRendezvous::PeerReady {
                 session,
-                camera_observed: camera_conn.remote_address(),
+                camera_observed: canonical(camera_conn.remote_address()),
                 camera_local,
                 camera_rtt_us: camera_conn.rtt().as_micros() as u64,
                 relay: relay.map(|a| a.viewer_side),
@@ -589,13 +590,13 @@ async fn allocate_relay(
 ) -> Option<Allocation> {
     let relay = shared.relay.as_ref()?;
     let ip = if shared.listen.ip().is_unspecified() {
-        viewer_conn.local_ip()?
+        viewer_conn.local_ip()?.to_canonical()
     } else {
         shared.listen.ip()
     };
     let peers = Peers {
-        viewer_ip: viewer_conn.remote_address().ip(),
-        camera_ip: camera_conn.remote_address().ip(),
+        viewer_ip: viewer_conn.remote_address().ip().to_canonical(),
+        camera_ip: camera_conn.remote_address().ip().to_canonical(),
     };
     if peers.viewer_ip.is_ipv4() != ip.is_ipv4() || peers.camera_ip.is_ipv4() != ip.is_ipv4() {
         return None;

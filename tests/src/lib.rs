@@ -87,7 +87,7 @@ impl Pki {
     pub fn spec(role: Role, id: &str) -> LeafSpec {
         let mut spec = LeafSpec::new(Identity::new(role, id).expect("id"));
         if role == Role::Rendezvous {
-            spec.ips = vec!["127.0.0.1".parse().expect("ip")];
+            spec.ips = vec!["127.0.0.1".parse().expect("ip"), "::1".parse().expect("ip")];
             spec.dns_names = vec!["localhost".into()];
         }
         spec

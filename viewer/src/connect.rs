@@ -194,16 +194,21 @@ async fn dial(
     let media_cfg =
         quic::quic_client(media_tls, quic::media_transport(Some(rtt_hint))).map_err(setup)?;
     let local = endpoint.local_addr().map_err(setup)?;
-    let usable = |c: &SocketAddr| (local.is_ipv6() || c.is_ipv4()) && !c.ip().is_unspecified();
+    // Candidates as given (so the winner can be compared with them), if this socket can
+    // reach them at all.
     let mut targets: Vec<SocketAddr> = Vec::new();
     for c in candidates.iter().chain(relay.iter()) {
-        if usable(c) && !targets.contains(c) {
+        let usable = !c.ip().is_unspecified() && net::for_socket(local, *c).is_some();
+        if usable && !targets.contains(c) {
             targets.push(*c);
         }
     }
     let mut attempts = JoinSet::new();
     for addr in &targets {
-        match endpoint.connect_with(media_cfg.clone(), *addr, CAMERA_SERVER_NAME) {
+        let Some(dial_addr) = net::for_socket(local, *addr) else {
+            continue;
+        };
+        match endpoint.connect_with(media_cfg.clone(), dial_addr, CAMERA_SERVER_NAME) {
             Ok(connecting) => {
                 let addr = *addr;
                 attempts.spawn(async move { (addr, connecting.await) });

@@ -61,3 +61,40 @@ async fn two_viewers_watch_one_camera_at_once() {
     cam.shutdown();
     rdv.shutdown();
 }
+
+#[tokio::test]
+async fn dual_stack_peers_connect_over_ipv6() {
+    init_tracing();
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        panic!("this machine has no IPv6 loopback; the IPv6 tests need it");
+    }
+    let pki = Pki::new();
+    // A dual-stack rendezvous, reached over IPv6.
+    let rdv = start_rendezvous(&pki, "[::]:0".parse().expect("addr")).await;
+    let rdv6: std::net::SocketAddr = format!("[::1]:{}", rdv.local_addr().port())
+        .parse()
+        .expect("addr");
+    let mut cam_config = camera_config(
+        &pki,
+        pki.creds(peercam_certs::Role::Camera, "cam-1"),
+        rdv6,
+        &["alice"],
+    );
+    cam_config.bind = "[::1]:0".parse().expect("addr");
+    cam_config.rendezvous[0].server_name = "::1".into();
+    let cam = peercam_camera_agent::start(cam_config)
+        .await
+        .expect("camera starts");
+    wait_registrations(&cam, 1).await;
+    assert!(cam.status().registered.expect("registered").is_ipv6());
+    let mut config = viewer_config(&pki, "alice", rdv6, "cam-1");
+    config.rendezvous.server_name = "::1".into();
+    config.bind = "[::]:0".parse().expect("addr");
+    config.max_frames = Some(10);
+    let summary = watch(config).await.expect("watches over IPv6");
+    assert_eq!(summary.frames, 10);
+    assert_eq!(summary.path, "direct");
+    assert!(summary.remote.starts_with("[::1]"), "{}", summary.remote);
+    cam.shutdown();
+    rdv.shutdown();
+}
