@@ -20,3 +20,7 @@ echo "==> building" >&2
 cargo build --workspace --bins --locked
 echo "==> testing" >&2
 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+if [ "${FUZZ_SECONDS:-20}" != 0 ]; then
+  echo "==> fuzzing each decoder for ${FUZZ_SECONDS:-20} s (FUZZ_SECONDS=0 skips)" >&2
+  ./scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
+fi
