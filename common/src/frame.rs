@@ -23,6 +23,9 @@ pub enum FrameError {
     /// The stream ended in the middle of a frame.
     #[error("stream ended in the middle of a frame")]
     Truncated,
+    /// A frame that had started did not complete in time.
+    #[error("frame did not complete in time")]
+    Slow,
     /// The underlying stream failed.
     #[error("stream error")]
     Io(#[source] std::io::Error),
@@ -60,19 +63,46 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
-    let mut prefix = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        let n = r.read(&mut prefix[got..]).await.map_err(FrameError::Io)?;
-        if n == 0 {
-            return if got == 0 {
-                Ok(None)
-            } else {
-                Err(FrameError::Truncated)
-            };
-        }
-        got += n;
+    read_within(r, None).await
+}
+
+/// Reads one frame; waiting for a frame to start is unbounded, but once its first byte has
+/// arrived the whole frame must arrive within `body_timeout` (a peer trickling a frame
+/// byte by byte cannot hold resources).
+pub async fn read_within<T, R>(
+    r: &mut R,
+    body_timeout: Option<std::time::Duration>,
+) -> Result<Option<T>, FrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut first = [0u8; 1];
+    if r.read(&mut first).await.map_err(FrameError::Io)? == 0 {
+        return Ok(None);
     }
+    let rest = read_rest(r, first[0]);
+    match body_timeout {
+        None => rest.await.map(Some),
+        Some(t) => tokio::time::timeout(t, rest)
+            .await
+            .map_err(|_| FrameError::Slow)?
+            .map(Some),
+    }
+}
+
+async fn read_rest<T, R>(r: &mut R, first: u8) -> Result<T, FrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut prefix = [first, 0, 0, 0];
+    r.read_exact(&mut prefix[1..])
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+            _ => FrameError::Io(e),
+        })?;
     let len = u32::from_be_bytes(prefix) as usize;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
@@ -82,7 +112,7 @@ where
         std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
         _ => FrameError::Io(e),
     })?;
-    decode(&body).map(Some)
+    decode(&body)
 }
 
 /// Writes one frame.
@@ -123,6 +153,16 @@ mod tests {
             .await
             .expect("clean end")
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_frame_trickled_too_slowly_is_an_error() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        client.write_all(&[0, 0, 0, 10, 1, 2]).await.unwrap();
+        let r =
+            read_within::<u32, _>(&mut server, Some(std::time::Duration::from_millis(50))).await;
+        assert!(matches!(r, Err(FrameError::Slow)));
     }
 
     #[tokio::test]

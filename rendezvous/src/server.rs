@@ -41,6 +41,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long a peer has to complete the handshake and send its first message.
     pub first_message_timeout: Duration,
+    /// How long a control frame may take to arrive once it has started.
+    pub frame_timeout: Duration,
     /// How long shutdown waits for close frames to reach peers.
     pub drain: Duration,
     /// Unvalidated handshakes in progress above which new clients must first prove their
@@ -61,6 +63,7 @@ impl Default for Limits {
             intro_timeout: Duration::from_secs(5),
             max_connections: 250_000,
             first_message_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(2),
             retry_threshold: 64,
             relay: Some(RelayLimits::default()),
@@ -400,7 +403,7 @@ async fn camera_session(
     let reason = loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => break "shutdown",
-            msg = frame::read::<ToRendezvous, _>(&mut recv) => msg,
+            msg = frame::read_within::<ToRendezvous, _>(&mut recv, Some(shared.limits.frame_timeout)) => msg,
         };
         match msg {
             Ok(Some(msg)) => {
@@ -482,7 +485,7 @@ async fn viewer_session(
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => return,
-            msg = frame::read::<ToRendezvous, _>(&mut recv) => msg,
+            msg = frame::read_within::<ToRendezvous, _>(&mut recv, Some(shared.limits.frame_timeout)) => msg,
         };
         let reply = match msg {
             Ok(Some(ToRendezvous::Connect {

@@ -523,6 +523,7 @@ async fn malformed_oversized_and_idle_peers_are_cut_off_while_others_keep_workin
     let pki = Pki::new();
     let limits = peercam_rendezvous::Limits {
         first_message_timeout: Duration::from_millis(800),
+        frame_timeout: Duration::from_millis(800),
         ..Default::default()
     };
     let rdv = peercam_rendezvous::start(peercam_rendezvous::Config {
@@ -552,6 +553,13 @@ async fn malformed_oversized_and_idle_peers_are_cut_off_while_others_keep_workin
         .expect("write");
     assert!(closed_with(
         within(5, "close", conn.closed()).await,
+        rdv::close::PROTOCOL
+    ));
+    // A slow frame: the prefix and a few bytes, then nothing: cut off.
+    let (conn, mut send, _recv) = rdv_client(&pki, &mallory, rdv.local_addr()).await;
+    send.write_all(&[0, 0, 0, 40, 0xa1]).await.expect("write");
+    assert!(closed_with(
+        within(5, "slow frame cut off", conn.closed()).await,
         rdv::close::PROTOCOL
     ));
     // A stream flood: a rendezvous connection allows two streams, no more.
@@ -652,4 +660,73 @@ async fn revoked_viewers_are_refused_by_rendezvous_and_camera() {
     );
     cam.shutdown();
     rdv.shutdown();
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test]
+async fn rendezvous_memory_stays_bounded_under_a_connection_flood() {
+    init_tracing();
+    let pki = Pki::new();
+    let (cert, key) = pki.files(Role::Rendezvous, "rdv");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(binary("rendezvous"))
+        .args(["--listen", &listen, "--ca"])
+        .arg(pki.ca_path())
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("rendezvous starts");
+    let addr: SocketAddr = listen.parse().expect("addr");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(child.id());
+    // 300 authenticated connections, each sending a garbage frame or nothing at all.
+    let mallory = pki.creds(Role::Viewer, "mallory");
+    let tls =
+        tls::client_config(&mallory, &pki.trust(), Expect::Rendezvous, rdv::ALPN).expect("tls");
+    let cfg = quic::quic_client(tls, quic::rendezvous_transport()).expect("quic");
+    let ep = endpoint();
+    let mut conns = Vec::new();
+    for i in 0..300 {
+        let conn = within(
+            10,
+            "flood handshake",
+            ep.connect_with(cfg.clone(), addr, "127.0.0.1")
+                .expect("dial"),
+        )
+        .await
+        .expect("handshake");
+        if i % 2 == 0 {
+            if let Ok((mut send, _)) = conn.open_bi().await {
+                let _ = send.write_all(&[0, 0, 0xff, 0xff, 1, 2, 3]).await;
+            }
+        }
+        conns.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!("rendezvous RSS: {before} KiB idle, {during} KiB with 300 hostile connections");
+    assert!(
+        during < before + 64 * 1024,
+        "RSS grew from {before} to {during} KiB"
+    );
+    assert!(during < 128 * 1024, "RSS {during} KiB");
 }
