@@ -97,6 +97,32 @@ pub fn host_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
     out
 }
 
+/// Whether `ip` is on the same link as one of this host's interfaces (reachable without a
+/// router): what makes a path `lan` rather than `direct`.
+pub fn on_link(ip: IpAddr) -> bool {
+    let Ok(ifaces) = if_addrs::get_if_addrs() else {
+        return false;
+    };
+    ifaces.iter().any(|i| match (&i.addr, ip) {
+        (if_addrs::IfAddr::V4(a), IpAddr::V4(ip)) => {
+            same_prefix(&a.ip.octets(), &ip.octets(), a.prefixlen)
+        }
+        (if_addrs::IfAddr::V6(a), IpAddr::V6(ip)) => {
+            same_prefix(&a.ip.octets(), &ip.octets(), a.prefixlen)
+        }
+        _ => false,
+    })
+}
+
+fn same_prefix(a: &[u8], b: &[u8], bits: u8) -> bool {
+    let bits = usize::from(bits).min(a.len() * 8);
+    let (full, rest) = (bits / 8, bits % 8);
+    if a[..full] != b[..full] {
+        return false;
+    }
+    rest == 0 || (a[full] ^ b[full]) >> (8 - rest) == 0
+}
+
 fn is_link_local_v6(ip: &IpAddr) -> bool {
     matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
 }
@@ -124,6 +150,16 @@ mod tests {
         assert_eq!(for_socket(v6_local, v4), Some(mapped));
         assert_eq!(for_socket(v4_local, mapped), Some(v4));
         assert_eq!(for_socket(v4_local, "[2001:2::1]:7".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn prefixes_compare_bitwise() {
+        assert!(same_prefix(&[198, 19, 1, 2], &[198, 19, 1, 3], 24));
+        assert!(!same_prefix(&[198, 19, 1, 2], &[198, 19, 2, 3], 24));
+        assert!(same_prefix(&[10, 0, 0, 1], &[10, 0, 0, 130], 24));
+        assert!(!same_prefix(&[10, 0, 0, 1], &[10, 0, 0, 130], 25));
+        assert!(same_prefix(&[1, 2, 3, 4], &[9, 9, 9, 9], 0));
+        assert!(on_link("127.0.0.1".parse().unwrap()));
     }
 
     #[test]

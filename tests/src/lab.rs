@@ -17,16 +17,32 @@
 //!    viewer host 198.19.1.3 (double NAT: carrier <prefix>-k on 198.19.200.0/24)
 //! ```
 //!
+//! IPv6 uses only the benchmarking prefix 2001:2::/48 (RFC 5180) and is routed nowhere else:
+//!
+//! ```text
+//!  internet 2001:2::/64: bridge 2001:2::1 (the v6 rendezvous address, in every lab; the
+//!    internet ns forwards v6 between its routes), camera side first hop 2001:2::11, viewer 2001:2::12
+//!  public hosts: dual-stack, 2001:2::11 (camera) / 2001:2::12 (viewer)
+//!  Ipv6Firewall: router WAN 2001:2::1N (N = 1 camera, 2 viewer), home LAN 2001:2:0:N::/64
+//!    (router ::1, host ::2; same LAN: camera ::2, viewer ::3 on 2001:2:0:1::/64), routed from
+//!    the internet ns via the router's WAN address
+//! ```
+//!
 //! Every router has an nft table `ip lab`: masquerade on its WAN (fully-random for symmetric), a
 //! forward filter that lets LAN→WAN out and only conntrack-established traffic back in, an input
 //! filter that ignores anything new from the WAN, a full-cone `dnat` of UDP port
 //! [`FULL_CONE_PORT`] to the inside host, and a loss chain on the forward hook. Loss towards and
 //! from public hosts is applied on their port of the internet bridge (`table bridge lab`).
+//! An [`Nat::Ipv6Firewall`] router also has an nft table `ip6 lab`: no translation, a forward
+//! filter that lets LAN→WAN out and only conntrack-established traffic back in, the same input
+//! filter (plus neighbour discovery), and a loss chain on the forward hook. Every namespace has
+//! duplicate address detection, router advertisements and redirects off, so v6 addresses work at
+//! once and routes stay as built.
 
 use std::ffi::OsStr;
 use std::fmt;
 use std::io::{Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -58,6 +74,11 @@ pub enum Nat {
     Symmetric,
     /// A port-restricted home router behind a port-restricted carrier router.
     DoubleNat,
+    /// Dual-stack home router: the host has a global IPv6 address (2001:2:0:N::2/64) that the
+    /// router routes without translation through a stateful firewall (LAN→WAN new and
+    /// established/related pass, WAN→LAN new is dropped: address-and-port-dependent filtering,
+    /// the usual home router for v6); its IPv4 is NATed like [`Nat::PortRestricted`].
+    Ipv6Firewall,
 }
 
 /// One of the two peers.
@@ -395,6 +416,9 @@ pub fn require_root() -> Result<(), String> {
     if find_tool("nft").is_none() {
         missing.push("`nft` (Debian package nftables)");
     }
+    if !Path::new("/proc/sys/net/ipv6").is_dir() {
+        missing.push("IPv6 in the kernel (it is disabled: /proc/sys/net/ipv6 is absent)");
+    }
     if !missing.is_empty() {
         return Err(format!(
             "the NAT lab needs {} but it is not installed",
@@ -586,6 +610,7 @@ struct HostInfo {
     ip: Ipv4Addr,
     public: Ipv4Addr,
     fixed_port: Option<u16>,
+    ip6: Option<Ipv6Addr>,
 }
 
 /// A running lab. Dropping it kills every process left in its namespaces and deletes them (and
@@ -601,9 +626,26 @@ pub struct Lab {
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
+/// The internet namespace's bridge on 2001:2::/64.
+const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+
+/// The first hop of side `net` (1 camera, 2 viewer) on the v6 internet: 2001:2::1`net`.
+fn wan6(net: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x10 + u16::from(net))
+}
+
+/// Address `host` on home network `net`: 2001:2:0:`net`::`host`.
+fn home6(net: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, u16::from(net), 0, 0, 0, host)
+}
+
 impl Lab {
     /// The rendezvous address: the internet namespace's bridge.
     pub const RENDEZVOUS_IP: Ipv4Addr = GATEWAY;
+
+    /// The IPv6 rendezvous address, on the same bridge as [`Lab::RENDEZVOUS_IP`] (every lab has
+    /// it, so any lab can host a dual-stack rendezvous).
+    pub const RENDEZVOUS_IP6: Ipv6Addr = GATEWAY6;
 
     /// Builds the lab described by `spec`. On error everything made so far is deleted.
     pub fn build(spec: &LabSpec) -> Result<Lab, LabError> {
@@ -637,7 +679,10 @@ impl Lab {
         lab.ip(&internet, &["link", "add", &br, "type", "bridge"])?;
         lab.no_bridge_netfilter(&internet);
         lab.ip(&internet, &["addr", "add", "198.18.0.1/24", "dev", &br])?;
+        lab.ip6_addr(&internet, GATEWAY6, &br)?;
         lab.ip(&internet, &["link", "set", &br, "up"])?;
+        // The internet routes v6 to the home networks behind Ipv6Firewall routers.
+        lab.sysctl(&internet, "net.ipv6.conf.all.forwarding", "1")?;
 
         let loss = spec.loss_percent;
         let mut public_ports = Vec::new();
@@ -672,9 +717,11 @@ impl Lab {
             for p in &public_ports {
                 rules.push_str(&format!(
                     "  chain from_{p} {{ type filter hook prerouting priority 0; policy accept; \
-                     iifname \"{p}\" ip protocol udp numgen random mod 100 < {loss} drop; }}\n  \
+                     iifname \"{p}\" ip protocol udp numgen random mod 100 < {loss} drop; \
+                     iifname \"{p}\" ip6 nexthdr udp numgen random mod 100 < {loss} drop; }}\n  \
                      chain to_{p} {{ type filter hook postrouting priority 0; policy accept; \
-                     oifname \"{p}\" ip protocol udp numgen random mod 100 < {loss} drop; }}\n"
+                     oifname \"{p}\" ip protocol udp numgen random mod 100 < {loss} drop; \
+                     oifname \"{p}\" ip6 nexthdr udp numgen random mod 100 < {loss} drop; }}\n"
                 ));
             }
             lab.nft(&internet, &format!("table bridge lab {{\n{rules}}}\n"))?;
@@ -709,6 +756,13 @@ impl Lab {
     /// host's own address when it is public.
     pub fn public_ip(&self, side: Side) -> Ipv4Addr {
         self.host(side).public
+    }
+
+    /// The host's global IPv6 address (in 2001:2::/48), which is also what the internet sees
+    /// (v6 is never translated): `Some` for [`Nat::Public`] and [`Nat::Ipv6Firewall`] hosts,
+    /// `None` for hosts behind IPv4-only NATs.
+    pub fn host_ip6(&self, side: Side) -> Option<Ipv6Addr> {
+        self.host(side).ip6
     }
 
     /// The UDP port the peer on this side must bind: `Some(FULL_CONE_PORT)` behind a full-cone
@@ -746,7 +800,19 @@ impl Lab {
         cmd.args(["netns", "add", ns]);
         run_checked(&mut cmd, None, CMD_TIMEOUT)?;
         self.namespaces.push(ns.to_owned());
-        self.ip(ns, &["link", "set", "lo", "up"])
+        self.ip(ns, &["link", "set", "lo", "up"])?;
+        // Before any interface exists, so that every one inherits `default`: v6 addresses are
+        // usable at once (no DAD), and nothing but the lab's own routes steers v6 (no RA, no
+        // redirects).
+        let mut script = String::new();
+        for conf in ["all", "default"] {
+            for key in ["accept_dad", "accept_ra", "accept_redirects"] {
+                script.push_str(&format!("echo 0 > /proc/sys/net/ipv6/conf/{conf}/{key}\n"));
+            }
+        }
+        let mut cmd = self.command(ns, "/bin/sh");
+        cmd.args(["-e", "-c", &script]);
+        run_checked(&mut cmd, None, CMD_TIMEOUT).map(drop)
     }
 
     fn ip(&self, ns: &str, args: &[&str]) -> Result<(), LabError> {
@@ -772,6 +838,71 @@ impl Lab {
     /// br_netfilter default is. Absent sysctl = no br_netfilter = already so.
     fn no_bridge_netfilter(&self, ns: &str) {
         let _ = self.sysctl(ns, "net.bridge.bridge-nf-call-iptables", "0");
+        let _ = self.sysctl(ns, "net.bridge.bridge-nf-call-ip6tables", "0");
+    }
+
+    /// Adds `addr`/64 to `dev` in `ns`, usable at once (no duplicate address detection).
+    fn ip6_addr(&self, ns: &str, addr: Ipv6Addr, dev: &str) -> Result<(), LabError> {
+        self.ip(
+            ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ],
+        )
+    }
+
+    /// A v6 route in `ns` to `dest` (`default` or a prefix) via `gw`.
+    fn ip6_route(&self, ns: &str, dest: &str, gw: Ipv6Addr) -> Result<(), LabError> {
+        self.ip(ns, &["-6", "route", "add", dest, "via", &gw.to_string()])
+    }
+
+    /// The IPv6 half of an [`Nat::Ipv6Firewall`] router in `ns`: WAN address [`wan6`]`(net)` on
+    /// `wan`, LAN 2001:2:0:`net`::1/64 on `lan`, routes both ways (the internet namespace routes
+    /// the LAN prefix to the WAN address), and `table ip6 lab`: forwarding without translation,
+    /// LAN→WAN new and established/related in, loss on the forward hook.
+    fn firewall6(&self, ns: &str, wan: &str, lan: &str, net: u8, loss: u8) -> Result<(), LabError> {
+        let wan_ip = wan6(net);
+        self.sysctl(ns, "net.ipv6.conf.all.forwarding", "1")?;
+        self.ip6_addr(ns, wan_ip, wan)?;
+        self.ip6_addr(ns, home6(net, 1), lan)?;
+        self.ip6_route(ns, "default", GATEWAY6)?;
+        self.ip6_route(&self.internet, &format!("{}/64", home6(net, 0)), wan_ip)?;
+        let loss_rule = if loss > 0 {
+            format!("meta l4proto udp numgen random mod 100 < {loss} drop")
+        } else {
+            String::new()
+        };
+        let script = format!(
+            "table ip6 lab {{
+  chain forward_loss {{ type filter hook forward priority -10; policy accept;
+    {loss_rule}
+  }}
+  chain forward {{ type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname != \"{wan}\" oifname \"{wan}\" accept
+  }}
+  chain input {{ type filter hook input priority filter; policy drop;
+    iifname \"lo\" accept
+    ct state established,related accept
+    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
+    iifname != \"{wan}\" accept
+  }}
+}}
+"
+        );
+        self.nft(ns, &script)
+    }
+
+    /// A v6 host `addr`/64 on `dev` in `ns` with its default route via `gw`.
+    fn host_net6(&self, ns: &str, dev: &str, addr: Ipv6Addr, gw: Ipv6Addr) -> Result<(), LabError> {
+        self.ip6_addr(ns, addr, dev)?;
+        self.ip6_route(ns, "default", gw)
     }
 
     /// A veth pair `a` in `ns_a`, `b` in `ns_b`, created directly inside the namespaces (nothing
@@ -877,15 +1008,17 @@ impl Lab {
                     &host_ns,
                     &["route", "add", "default", "via", &GATEWAY.to_string()],
                 )?;
+                self.host_net6(&host_ns, &host_if, wan6(home), GATEWAY6)?;
                 public_ports.push(port);
                 Ok(HostInfo {
                     ns: host_ns,
                     ip: wan_ip,
                     public: wan_ip,
                     fixed_port: None,
+                    ip6: Some(wan6(home)),
                 })
             }
-            Nat::FullCone | Nat::PortRestricted | Nat::Symmetric => {
+            Nat::FullCone | Nat::PortRestricted | Nat::Symmetric | Nat::Ipv6Firewall => {
                 let router_ns = format!("{}-r{s}", self.prefix);
                 self.add_ns(&router_ns)?;
                 let wan = self.ifname(&format!("{s}w"));
@@ -907,12 +1040,20 @@ impl Lab {
                     _ => RouterKind::PortRestricted,
                 };
                 self.router(&router_ns, &wan, kind, loss)?;
+                let ip6 = if nat == Nat::Ipv6Firewall {
+                    self.firewall6(&router_ns, &wan, &lan, home, loss)?;
+                    self.host_net6(&host_ns, &host_if, home6(home, 2), home6(home, 1))?;
+                    Some(home6(home, 2))
+                } else {
+                    None
+                };
                 let fixed_port = (nat == Nat::FullCone).then_some(FULL_CONE_PORT);
                 Ok(HostInfo {
                     ns: host_ns,
                     ip: inside,
                     public: wan_ip,
                     fixed_port,
+                    ip6,
                 })
             }
             Nat::DoubleNat => {
@@ -933,6 +1074,7 @@ impl Lab {
                     ip: inside,
                     public: wan_ip,
                     fixed_port: None,
+                    ip6: None,
                 })
             }
         }
@@ -983,8 +1125,9 @@ impl Lab {
         self.router(router_ns, &hwan, RouterKind::PortRestricted, loss)
     }
 
-    /// Both hosts on one LAN (198.19.1.0/24: camera .2, viewer .3) behind one router of kind
-    /// `nat`; for `Public` both hosts sit directly on the internet.
+    /// Both hosts on one LAN (198.19.1.0/24: camera .2, viewer .3; for `Ipv6Firewall` also
+    /// 2001:2:0:1::/64: camera ::2, viewer ::3) behind one router of kind `nat`; for `Public`
+    /// both hosts sit directly on the internet.
     fn build_shared(
         &mut self,
         nat: Nat,
@@ -1047,12 +1190,24 @@ impl Lab {
         let gw = Ipv4Addr::new(198, 19, 1, 1);
         let cam_ip = Ipv4Addr::new(198, 19, 1, 2);
         let view_ip = Ipv4Addr::new(198, 19, 1, 3);
-        for (s, ns, ip) in [('c', &cam_ns, cam_ip), ('v', &view_ns, view_ip)] {
+        let v6 = nat == Nat::Ipv6Firewall;
+        let (cam_ip6, view_ip6) = if v6 {
+            (Some(home6(1, 2)), Some(home6(1, 3)))
+        } else {
+            (None, None)
+        };
+        for (s, ns, ip, ip6) in [
+            ('c', &cam_ns, cam_ip, cam_ip6),
+            ('v', &view_ns, view_ip, view_ip6),
+        ] {
             let rport = self.ifname(&format!("{s}p"));
             let hif = self.ifname(&format!("{s}h"));
             self.veth(&router_ns, &rport, ns, &hif)?;
             self.ip(&router_ns, &["link", "set", &rport, "master", &lan_br])?;
             self.host_net(ns, &hif, ip, gw)?;
+            if let Some(ip6) = ip6 {
+                self.host_net6(ns, &hif, ip6, home6(1, 1))?;
+            }
         }
         if let Some(w) = &wan {
             let kind = match nat {
@@ -1061,6 +1216,9 @@ impl Lab {
                 _ => RouterKind::PortRestricted,
             };
             self.router(&router_ns, w, kind, loss)?;
+            if v6 {
+                self.firewall6(&router_ns, w, &lan_br, 1, loss)?;
+            }
         }
         if loss > 0 {
             // Host-to-host frames never reach the router's IP forward hook: lose them on the bridge.
@@ -1068,7 +1226,8 @@ impl Lab {
                 &router_ns,
                 &format!(
                     "table bridge lab {{ chain forward_loss {{ type filter hook forward priority 0; policy accept; \
-                     ip protocol udp numgen random mod 100 < {loss} drop; }}\n}}\n"
+                     ip protocol udp numgen random mod 100 < {loss} drop; \
+                     ip6 nexthdr udp numgen random mod 100 < {loss} drop; }}\n}}\n"
                 ),
             )?;
         }
@@ -1079,12 +1238,14 @@ impl Lab {
                 ip: cam_ip,
                 public: wan_ip,
                 fixed_port: fixed,
+                ip6: cam_ip6,
             },
             HostInfo {
                 ns: view_ns,
                 ip: view_ip,
                 public: wan_ip,
                 fixed_port: None,
+                ip6: view_ip6,
             },
         ))
     }
@@ -1106,27 +1267,32 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::io::{BufRead, BufReader};
-    use std::net::SocketAddrV4;
+    use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+    use std::str::FromStr;
     use std::sync::mpsc;
 
     const PYTHON: &str = "/usr/bin/python3";
 
-    /// Replies to every datagram with `seen <src ip>:<src port>`; on `poke` also sends
-    /// `stranger-addr` from (stranger ip, any port) and `stranger-port` from (bind ip, another
-    /// port) to the sender. Exits by itself after `lifetime` seconds.
+    /// Replies to every datagram with `seen <src ip>:<src port>` (`[ip]:port` for v6); on `poke`
+    /// also sends `stranger-addr` from (stranger ip, any port) and `stranger-port` from (bind ip,
+    /// another port) to the sender. Exits by itself after `lifetime` seconds. The address family
+    /// follows `ip`.
     const REFLECTOR: &str = r#"
 import select, socket, sys, time
 ip, ports, stranger, lifetime = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+fam = socket.AF_INET6 if ':' in ip else socket.AF_INET
+def fmt(src):
+    return ('[%s]:%d' if ':' in src[0] else '%s:%d') % src[:2]
 socks = []
 for p in ports.split(','):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(fam, socket.SOCK_DGRAM)
     s.bind((ip, int(p)))
     socks.append(s)
 st_addr = None
 if stranger:
-    st_addr = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    st_addr = socket.socket(fam, socket.SOCK_DGRAM)
     st_addr.bind((stranger, 0))
-st_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+st_port = socket.socket(fam, socket.SOCK_DGRAM)
 st_port.bind((ip, 0))
 print('ready', flush=True)
 deadline = time.time() + lifetime
@@ -1134,7 +1300,7 @@ while time.time() < deadline:
     r, _, _ = select.select(socks, [], [], 0.2)
     for s in r:
         data, src = s.recvfrom(2048)
-        s.sendto(('seen %s:%d' % src).encode(), src)
+        s.sendto(('seen ' + fmt(src)).encode(), src)
         if data.startswith(b'poke'):
             if st_addr is not None:
                 st_addr.sendto(b'stranger-addr', src)
@@ -1143,17 +1309,23 @@ while time.time() < deadline:
 
     /// From ONE socket bound to `port` (0 = any), sends `msg` to each target in turn (retrying
     /// every 150 ms, 4 s in all) and prints `reply <target> <observed>`; then listens `linger`
-    /// seconds more and prints `extra <payload> <src>` for anything else that arrives.
+    /// seconds more and prints `extra <payload> <src>` for anything else that arrives. Targets
+    /// are `ip:port` (IPv4) or `[ip]:port` (IPv6, then the socket is v6).
     const CLIENT: &str = r#"
 import socket, sys, time
 port, targets, msg, linger = int(sys.argv[1]), sys.argv[2].split(','), sys.argv[3].encode(), float(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(('0.0.0.0', port))
+v6 = targets[0].startswith('[')
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+if v6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind(('::' if v6 else '0.0.0.0', port))
 s.settimeout(0.05)
 print('local %d' % s.getsockname()[1], flush=True)
 seen = {}
+def fmt(src):
+    return ('[%s]:%d' if ':' in src[0] else '%s:%d') % src[:2]
 def handle(data, src):
-    src_s = '%s:%d' % src
+    src_s = fmt(src)
     text = data.decode(errors='replace')
     if text.startswith('seen ') and src_s in targets:
         if src_s not in seen:
@@ -1173,6 +1345,7 @@ def recv_until(end):
 deadline = time.time() + 4.0
 for t in targets:
     ip, p = t.rsplit(':', 1)
+    ip = ip.strip('[]')
     while t not in seen and time.time() < deadline:
         try:
             s.sendto(msg, (ip, int(p)))
@@ -1209,6 +1382,27 @@ recv_until(time.time() + linger)
         ports: &[u16],
         stranger: Option<Ipv4Addr>,
     ) -> Reflector {
+        reflector_at(lab, ns, ip.into(), ports, stranger.map(IpAddr::from))
+    }
+
+    /// [`reflector`] on IPv6.
+    fn reflector6(
+        lab: &Lab,
+        ns: &str,
+        ip: Ipv6Addr,
+        ports: &[u16],
+        stranger: Option<Ipv6Addr>,
+    ) -> Reflector {
+        reflector_at(lab, ns, ip.into(), ports, stranger.map(IpAddr::from))
+    }
+
+    fn reflector_at(
+        lab: &Lab,
+        ns: &str,
+        ip: IpAddr,
+        ports: &[u16],
+        stranger: Option<IpAddr>,
+    ) -> Reflector {
         let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
         let stranger = stranger.map(|s| s.to_string()).unwrap_or_default();
         let mut cmd = lab.command(ns, PYTHON);
@@ -1238,23 +1432,31 @@ recv_until(time.time() + linger)
         Reflector { _child: child }
     }
 
-    #[derive(Debug, Default)]
-    struct Probe {
+    /// What [`probe`] saw; `A` is `SocketAddrV4` or `SocketAddrV6`.
+    #[derive(Debug)]
+    struct Probe<A = SocketAddrV4> {
         local: u16,
-        replies: HashMap<String, SocketAddrV4>,
+        replies: HashMap<String, A>,
         unreachable: Vec<String>,
-        extras: Vec<(String, SocketAddrV4)>,
+        extras: Vec<(String, A)>,
     }
 
-    fn probe(
-        lab: &Lab,
-        side: Side,
-        port: u16,
-        targets: &[SocketAddrV4],
-        msg: &str,
-        linger: f32,
-    ) -> Probe {
-        let targets: Vec<String> = targets.iter().map(SocketAddrV4::to_string).collect();
+    impl<A: fmt::Display> Probe<A> {
+        /// `<payload> <source>` of every unexpected datagram.
+        fn extras_text(&self) -> Vec<String> {
+            self.extras
+                .iter()
+                .map(|(w, a)| format!("{w} {a}"))
+                .collect()
+        }
+    }
+
+    fn probe<A>(lab: &Lab, side: Side, port: u16, targets: &[A], msg: &str, linger: f32) -> Probe<A>
+    where
+        A: fmt::Display + FromStr,
+        A::Err: fmt::Debug,
+    {
+        let targets: Vec<String> = targets.iter().map(A::to_string).collect();
         let mut cmd = lab.command(lab.host_ns(side), PYTHON);
         cmd.args([
             "-c",
@@ -1271,7 +1473,12 @@ recv_until(time.time() + linger)
             "probe client failed: {text}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut p = Probe::default();
+        let mut p = Probe {
+            local: 0,
+            replies: HashMap::new(),
+            unreachable: Vec::new(),
+            extras: Vec::new(),
+        };
         for line in text.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             match f.as_slice() {
@@ -1293,7 +1500,35 @@ recv_until(time.time() + linger)
         SocketAddrV4::new(Lab::RENDEZVOUS_IP, port)
     }
 
+    fn rv6(port: u16) -> SocketAddrV6 {
+        SocketAddrV6::new(Lab::RENDEZVOUS_IP6, port, 0, 0)
+    }
+
+    /// The kind of network `side` sits behind in `spec`.
+    fn nat_of(spec: &LabSpec, side: Side) -> Nat {
+        if side == Side::Viewer && !spec.same_lan {
+            spec.viewer
+        } else {
+            spec.camera
+        }
+    }
+
+    fn in_benchmark_prefix(ip: Ipv6Addr) -> bool {
+        ip.segments()[..3] == [0x2001, 2, 0]
+    }
+
+    /// Drops `lab` and checks that every one of its namespaces is gone.
+    fn drop_and_check(lab: Lab) {
+        let names = lab.namespaces().to_vec();
+        drop(lab);
+        let left = list_namespaces();
+        for n in &names {
+            assert!(!left.contains(n), "namespace {n} survived the lab's drop");
+        }
+    }
+
     /// Builds `spec`, checks both hosts reach the rendezvous address (seen from the public
+    /// address) and, when they have IPv6, the v6 rendezvous address (seen from their own
     /// address), then drops the lab and checks every namespace is gone.
     fn check_connectivity(spec: LabSpec) {
         let started = Instant::now();
@@ -1302,6 +1537,7 @@ recv_until(time.time() + linger)
         let built = started.elapsed();
         {
             let _r = reflector(&lab, lab.internet_ns(), Lab::RENDEZVOUS_IP, &[7000], None);
+            let _r6 = reflector6(&lab, lab.internet_ns(), Lab::RENDEZVOUS_IP6, &[7000], None);
             for side in [Side::Camera, Side::Viewer] {
                 let p = probe(&lab, side, 0, &[rv(7000)], "hello", 0.0);
                 let seen = p.replies.get(&rv(7000).to_string()).unwrap_or_else(|| {
@@ -1312,14 +1548,49 @@ recv_until(time.time() + linger)
                     lab.public_ip(side),
                     "{spec:?}: {side:?} seen from the wrong address"
                 );
-                let nat = if side == Side::Viewer && !spec.same_lan {
-                    spec.viewer
-                } else {
-                    spec.camera
-                };
+                let nat = nat_of(&spec, side);
                 if nat == Nat::Public {
                     assert_eq!(lab.public_ip(side), lab.host_ip(side));
                 }
+                if nat == Nat::Ipv6Firewall {
+                    assert_ne!(lab.public_ip(side), lab.host_ip(side), "v4 is NATed");
+                }
+                match (nat, lab.host_ip6(side)) {
+                    (Nat::Public | Nat::Ipv6Firewall, Some(ip6)) => {
+                        assert!(in_benchmark_prefix(ip6), "{ip6} is outside 2001:2::/48");
+                        let p = probe(&lab, side, 0, &[rv6(7000)], "hello", 0.0);
+                        let seen = p.replies.get(&rv6(7000).to_string()).unwrap_or_else(|| {
+                            panic!(
+                                "{spec:?}: {side:?} host cannot reach [{}]: {p:?}",
+                                Lab::RENDEZVOUS_IP6
+                            )
+                        });
+                        assert_eq!(
+                            *seen,
+                            SocketAddrV6::new(ip6, p.local, 0, 0),
+                            "{spec:?}: {side:?}: v6 must arrive from the host's own address and port"
+                        );
+                    }
+                    (Nat::Public | Nat::Ipv6Firewall, None) => {
+                        panic!("{spec:?}: {side:?} host has no IPv6 address")
+                    }
+                    (_, Some(ip6)) => panic!("{spec:?}: {side:?} host behind {nat:?} has {ip6}"),
+                    (_, None) => {}
+                }
+            }
+            if let (true, Some(cip6), Some(vip6)) = (
+                spec.same_lan,
+                lab.host_ip6(Side::Camera),
+                lab.host_ip6(Side::Viewer),
+            ) {
+                let _r = reflector6(&lab, lab.host_ns(Side::Viewer), vip6, &[7001], None);
+                let target = SocketAddrV6::new(vip6, 7001, 0, 0);
+                let p = probe(&lab, Side::Camera, 0, &[target], "hello", 0.0);
+                let seen = p
+                    .replies
+                    .get(&target.to_string())
+                    .unwrap_or_else(|| panic!("{spec:?}: v6 LAN unreachable: {p:?}"));
+                assert_eq!(*seen, SocketAddrV6::new(cip6, p.local, 0, 0));
             }
             if spec.same_lan {
                 // The two hosts talk directly on their LAN, without NAT.
@@ -1351,7 +1622,14 @@ recv_until(time.time() + linger)
             return;
         }
         use Nat::*;
-        let kinds = [Public, FullCone, PortRestricted, Symmetric, DoubleNat];
+        let kinds = [
+            Public,
+            FullCone,
+            PortRestricted,
+            Symmetric,
+            DoubleNat,
+            Ipv6Firewall,
+        ];
         for (i, camera) in kinds.into_iter().enumerate() {
             let viewer = kinds[(i + 1) % kinds.len()];
             check_connectivity(LabSpec::new(camera, viewer));
@@ -1364,7 +1642,7 @@ recv_until(time.time() + linger)
             return;
         }
         use Nat::*;
-        for camera in [PortRestricted, FullCone, DoubleNat, Public] {
+        for camera in [PortRestricted, FullCone, DoubleNat, Public, Ipv6Firewall] {
             check_connectivity(LabSpec {
                 camera,
                 viewer: camera,
@@ -1401,12 +1679,13 @@ recv_until(time.time() + linger)
     }
 
     /// Sends `count` datagrams from one socket to `target` (1 ms apart) and prints how many
-    /// replies came back.
+    /// replies came back (IPv6 when the address has a colon).
     const COUNTER: &str = r#"
 import socket, sys, time
 ip, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(('0.0.0.0', 0))
+v6 = ':' in ip
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('::' if v6 else '0.0.0.0', 0))
 s.setblocking(False)
 got = 0
 def drain():
@@ -1428,7 +1707,8 @@ while time.time() < end:
 print(got)
 "#;
 
-    fn round_trips(lab: &Lab, from_ns: &str, target: SocketAddrV4, count: u32) -> u32 {
+    fn round_trips(lab: &Lab, from_ns: &str, target: impl Into<SocketAddr>, count: u32) -> u32 {
+        let target: SocketAddr = target.into();
         let mut cmd = lab.command(from_ns, PYTHON);
         cmd.args([
             "-c",
@@ -1609,7 +1889,7 @@ print(got)
                 );
                 let got: Vec<&str> = p.extras.iter().map(|(what, _)| what.as_str()).collect();
                 match nat {
-                    Nat::PortRestricted | Nat::Symmetric => {
+                    Nat::PortRestricted | Nat::Symmetric | Nat::Ipv6Firewall => {
                         assert!(
                             got.is_empty(),
                             "{nat:?} let in packets from endpoints the host never sent to: {p:?}"
@@ -1633,6 +1913,364 @@ print(got)
                         assert_eq!(*from_new_addr.ip(), stranger);
                     }
                     Nat::DoubleNat => unreachable!(),
+                }
+            }
+        }
+    }
+
+    /// One UDP socket bound to `ip`:`port` (v6 when `ip` has a colon): prints `ready`, then
+    /// `got <payload> <src>` for every datagram; each stdin line `<ip> <port> <payload>` is sent
+    /// from that socket and acknowledged with `sent <payload>`. Exits after `lifetime` seconds or
+    /// when stdin closes.
+    const AGENT: &str = r#"
+import os, select, socket, sys, time
+ip, port, lifetime = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((ip, port))
+def fmt(src):
+    return ('[%s]:%d' if ':' in src[0] else '%s:%d') % src[:2]
+print('ready', flush=True)
+buf = b''
+deadline = time.time() + lifetime
+while time.time() < deadline:
+    r, _, _ = select.select([s, 0], [], [], 0.1)
+    if s in r:
+        data, src = s.recvfrom(2048)
+        print('got %s %s' % (data.decode(errors='replace'), fmt(src)), flush=True)
+    if 0 in r:
+        chunk = os.read(0, 4096)
+        if not chunk:
+            break
+        buf += chunk
+        while b'\n' in buf:
+            line, buf = buf.split(b'\n', 1)
+            dip, dport, payload = line.decode().split()
+            s.sendto(payload.encode(), (dip, int(dport)))
+            print('sent %s' % payload, flush=True)
+"#;
+
+    /// A UDP endpoint in one namespace, driven over stdin (see [`AGENT`]).
+    struct Agent {
+        name: String,
+        child: KillOnDrop,
+        lines: mpsc::Receiver<String>,
+        got: Vec<(String, SocketAddr)>,
+    }
+
+    impl Agent {
+        fn start(lab: &Lab, ns: &str, at: SocketAddr) -> Agent {
+            let mut cmd = lab.command(ns, PYTHON);
+            cmd.args([
+                "-c",
+                AGENT,
+                &at.ip().to_string(),
+                &at.port().to_string(),
+                "10",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+            let mut child = KillOnDrop::spawn(&mut cmd).unwrap();
+            let stdout = child.child().stdout.take().unwrap();
+            let (tx, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut agent = Agent {
+                name: format!("{at} in {ns}"),
+                child,
+                lines,
+                got: Vec::new(),
+            };
+            agent.expect_line("ready");
+            agent
+        }
+
+        /// Next line that is not a `got` (those are recorded), within 3 s.
+        fn expect_line(&mut self, want: &str) {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = self
+                    .lines
+                    .recv_timeout(left)
+                    .unwrap_or_else(|_| panic!("agent {}: no `{want}` within 3 s", self.name));
+                if !self.record(&line) {
+                    assert_eq!(line, want, "agent {}", self.name);
+                    return;
+                }
+            }
+        }
+
+        fn record(&mut self, line: &str) -> bool {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f.as_slice() {
+                ["got", payload, src] => {
+                    self.got.push(((*payload).to_owned(), src.parse().unwrap()));
+                    true
+                }
+                _ => false,
+            }
+        }
+
+        fn send(&mut self, to: SocketAddr, payload: &str) {
+            let line = format!("{} {} {payload}\n", to.ip(), to.port());
+            let stdin = self.child.child().stdin.as_mut().unwrap();
+            stdin.write_all(line.as_bytes()).unwrap();
+            stdin.flush().unwrap();
+            self.expect_line(&format!("sent {payload}"));
+        }
+
+        /// Records whatever arrives during `d`.
+        fn settle(&mut self, d: Duration) {
+            let deadline = Instant::now() + d;
+            while let Ok(line) = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                self.record(&line);
+            }
+        }
+
+        /// Records what arrives for `within`, or until `payload` has arrived; returns its
+        /// source.
+        fn wait_for(&mut self, payload: &str, within: Duration) -> Option<SocketAddr> {
+            let deadline = Instant::now() + within;
+            loop {
+                if let Some((_, src)) = self.got.iter().find(|(p, _)| p == payload) {
+                    return Some(*src);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.lines.recv_timeout(left) {
+                    Ok(line) => {
+                        self.record(&line);
+                    }
+                    Err(_) => return None,
+                }
+            }
+        }
+    }
+
+    /// Hole punching over IPv6 in `spec` (camera behind Ipv6Firewall): the camera's firewall
+    /// drops what the viewer sends before the camera sent to the viewer, then lets the viewer's
+    /// packets in, and only from that address and port; the addresses seen are the hosts' own.
+    fn check_v6_filtering(spec: LabSpec) {
+        let started = Instant::now();
+        assert_eq!(spec.camera, Nat::Ipv6Firewall);
+        let lab = Lab::build(&spec).unwrap();
+        let cam6 = lab.host_ip6(Side::Camera).unwrap();
+        let view6 = lab.host_ip6(Side::Viewer).unwrap();
+        let cam = SocketAddr::from(SocketAddrV6::new(cam6, 5000, 0, 0));
+        let view = SocketAddr::from(SocketAddrV6::new(view6, 6000, 0, 0));
+        let view_port = SocketAddr::from(SocketAddrV6::new(view6, 6001, 0, 0));
+        let stranger = SocketAddr::from(rv6(6000));
+        let mut c = Agent::start(&lab, lab.host_ns(Side::Camera), cam);
+        let mut v = Agent::start(&lab, lab.host_ns(Side::Viewer), view);
+        let mut vp = Agent::start(&lab, lab.host_ns(Side::Viewer), view_port);
+        let mut st = Agent::start(&lab, lab.internet_ns(), stranger);
+
+        // Unsolicited: the camera's firewall drops all of it.
+        v.send(cam, "early");
+        vp.send(cam, "early-port");
+        st.send(cam, "early-stranger");
+        assert_eq!(
+            c.wait_for("early", Duration::from_millis(300)),
+            None,
+            "{spec:?}: the firewall let in a packet before the camera sent anything"
+        );
+        // The camera sends to the viewer: it arrives (the viewer's own firewall, if any, has
+        // state from "early") from the camera's own address and port.
+        c.send(view, "punch");
+        assert_eq!(
+            v.wait_for("punch", Duration::from_secs(2)),
+            Some(cam),
+            "{spec:?}: viewer got {:?}",
+            v.got
+        );
+        // Now the viewer gets in, from its own address and port; nobody else does.
+        v.send(cam, "late");
+        vp.send(cam, "late-port");
+        st.send(cam, "late-stranger");
+        assert_eq!(
+            c.wait_for("late", Duration::from_secs(2)),
+            Some(view),
+            "{spec:?}: camera got {:?}",
+            c.got
+        );
+        c.settle(Duration::from_millis(300));
+        let got: Vec<&str> = c.got.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            got,
+            ["late"],
+            "{spec:?}: the camera's firewall let in {:?}",
+            c.got
+        );
+        drop((c, v, vp, st));
+        drop_and_check(lab);
+        eprintln!("v6 filtering {spec:?}: {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn lab_ipv6_firewall_lets_in_only_what_the_host_asked_for() {
+        if !lab_available() {
+            return;
+        }
+        check_v6_filtering(LabSpec::new(Nat::Ipv6Firewall, Nat::Ipv6Firewall));
+        check_v6_filtering(LabSpec::new(Nat::Ipv6Firewall, Nat::Public));
+    }
+
+    #[test]
+    fn lab_ipv6_firewall_is_untranslated_and_dual_stack() {
+        if !lab_available() {
+            return;
+        }
+        let started = Instant::now();
+        let lab = Lab::build(&LabSpec::new(Nat::Ipv6Firewall, Nat::Public)).unwrap();
+        let br = lab.ifname("br");
+        let stranger = Ipv4Addr::new(198, 18, 0, 200);
+        let stranger6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x200);
+        let mut add = Command::new(ip_path());
+        add.args(["-n", lab.internet_ns(), "addr", "add", "198.18.0.200/24"])
+            .args(["dev", &br]);
+        run_checked(&mut add, None, CMD_TIMEOUT).unwrap();
+        lab.ip6_addr(lab.internet_ns(), stranger6, &br).unwrap();
+        let _r = reflector(
+            &lab,
+            lab.internet_ns(),
+            Lab::RENDEZVOUS_IP,
+            &[7000, 7001],
+            Some(stranger),
+        );
+        let _r6 = reflector6(
+            &lab,
+            lab.internet_ns(),
+            Lab::RENDEZVOUS_IP6,
+            &[7000, 7001],
+            Some(stranger6),
+        );
+        // All four probes at once: each lingers for strangers.
+        let (v4, v6) = std::thread::scope(|s| {
+            let v4: Vec<_> = [Side::Camera, Side::Viewer]
+                .map(|side| {
+                    let lab = &lab;
+                    s.spawn(move || probe(lab, side, 45000, &[rv(7000), rv(7001)], "poke", 0.6))
+                })
+                .into_iter()
+                .collect();
+            let v6: Vec<_> = [Side::Camera, Side::Viewer]
+                .map(|side| {
+                    let lab = &lab;
+                    s.spawn(move || probe(lab, side, 45000, &[rv6(7000), rv6(7001)], "poke", 0.6))
+                })
+                .into_iter()
+                .collect();
+            (
+                v4.into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>(),
+                v6.into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>(),
+            )
+        });
+        for (i, side) in [Side::Camera, Side::Viewer].into_iter().enumerate() {
+            let (p4, p6) = (&v4[i], &v6[i]);
+            let a = p4.replies[&rv(7000).to_string()];
+            assert_eq!(a, p4.replies[&rv(7001).to_string()], "{side:?}: {p4:?}");
+            let a6 = p6.replies[&rv6(7000).to_string()];
+            assert_eq!(a6, p6.replies[&rv6(7001).to_string()], "{side:?}: {p6:?}");
+            let ip6 = lab.host_ip6(side).unwrap();
+            assert_eq!(a6, SocketAddrV6::new(ip6, 45000, 0, 0), "{side:?}: {p6:?}");
+            let ex4 = p4.extras_text();
+            let ex6 = p6.extras_text();
+            match side {
+                Side::Camera => {
+                    // v4: port-restricted NAT (keeps the port); v6: the host's own address.
+                    assert_ne!(lab.public_ip(side), lab.host_ip(side));
+                    assert_eq!(a, SocketAddrV4::new(lab.public_ip(side), 45000), "{p4:?}");
+                    assert!(ex4.is_empty(), "v4 NAT let in strangers: {ex4:?}");
+                    assert!(ex6.is_empty(), "v6 firewall let in strangers: {ex6:?}");
+                }
+                Side::Viewer => {
+                    assert_eq!(a, SocketAddrV4::new(lab.host_ip(side), 45000), "{p4:?}");
+                    assert_eq!(ip6, Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x12));
+                    for (ex, ip) in [(&ex4, IpAddr::from(stranger)), (&ex6, stranger6.into())] {
+                        assert!(
+                            ex.iter().any(|e| e.starts_with("stranger-port")),
+                            "public host missed a packet from a new port: {ex:?}"
+                        );
+                        let from = match ip {
+                            IpAddr::V4(ip) => format!(" {ip}:"),
+                            IpAddr::V6(ip) => format!(" [{ip}]:"),
+                        };
+                        assert!(
+                            ex.iter()
+                                .any(|e| e.starts_with("stranger-addr") && e.contains(&from)),
+                            "public host missed a packet from {from}: {ex:?}"
+                        );
+                    }
+                }
+            }
+        }
+        drop((_r, _r6));
+        drop_and_check(lab);
+        eprintln!("dual stack: {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn lab_loss_applies_to_ipv6_udp() {
+        if !lab_available() {
+            return;
+        }
+        // As lab_loss_drops_that_share_of_udp, on v6: router forward hooks (camera), the
+        // public host's bridge port (viewer), the shared LAN bridge (camera -> viewer).
+        for (loss, camera, viewer, same_lan) in [
+            (50u8, Nat::Ipv6Firewall, Nat::Public, false),
+            (50, Nat::Ipv6Firewall, Nat::Ipv6Firewall, true),
+            (0, Nat::Ipv6Firewall, Nat::Ipv6Firewall, true),
+        ] {
+            let spec = LabSpec {
+                camera,
+                viewer,
+                same_lan,
+                loss_percent: loss,
+            };
+            let lab = Lab::build(&spec).unwrap();
+            let _r = reflector6(&lab, lab.internet_ns(), Lab::RENDEZVOUS_IP6, &[7000], None);
+            let cam_ns = lab.host_ns(Side::Camera).to_owned();
+            let view_ns = lab.host_ns(Side::Viewer).to_owned();
+            let mut paths = vec![(cam_ns.clone(), rv6(7000)), (view_ns.clone(), rv6(7000))];
+            let _lan = same_lan.then(|| {
+                let vip = lab.host_ip6(Side::Viewer).unwrap();
+                paths.push((cam_ns.clone(), SocketAddrV6::new(vip, 7001, 0, 0)));
+                reflector6(&lab, &view_ns, vip, &[7001], None)
+            });
+            let counts: Vec<u32> = std::thread::scope(|s| {
+                let hs: Vec<_> = paths
+                    .iter()
+                    .map(|(ns, t)| {
+                        let lab = &lab;
+                        s.spawn(move || round_trips(lab, ns, *t, 150))
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for ((ns, target), got) in paths.iter().zip(counts) {
+                eprintln!("{spec:?}: {ns} -> {target}: {got}/150 round trips");
+                if loss == 0 {
+                    assert!(
+                        got >= 148,
+                        "{spec:?}: {ns} -> {target}: only {got}/150 without loss"
+                    );
+                } else {
+                    assert!(
+                        (12..=75).contains(&got),
+                        "{spec:?}: {ns} -> {target}: {got}/150 round trips at 50 % loss (expected ~37)"
+                    );
                 }
             }
         }

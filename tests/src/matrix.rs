@@ -18,11 +18,24 @@ use serde::Serialize;
 use crate::lab::{Lab, LabSpec, Nat, Side};
 use crate::{binary, sample_path};
 
+/// Which address family the peers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 sockets, rendezvous over IPv4.
+    V4,
+    /// Dual-stack sockets, rendezvous over IPv6.
+    V6,
+    /// Dual-stack sockets, rendezvous over IPv4: candidates of both families.
+    Dual,
+}
+
 /// One case of the matrix.
 #[derive(Debug, Clone)]
 pub struct Case {
     /// The topology.
     pub spec: LabSpec,
+    /// Address family.
+    pub family: Family,
     /// The path the viewer must report.
     pub expect: &'static str,
 }
@@ -46,6 +59,10 @@ pub struct Outcome {
     pub ttff_ms: Option<f64>,
     /// Frames received.
     pub frames: u64,
+    /// Sockets and rendezvous family: v4, v6 or dual.
+    pub family: String,
+    /// The camera address the viewer used.
+    pub remote: Option<String>,
     /// Whether the case passed.
     pub ok: bool,
     /// What went wrong.
@@ -59,6 +76,7 @@ fn name(n: Nat) -> &'static str {
         Nat::PortRestricted => "port-restricted",
         Nat::Symmetric => "symmetric",
         Nat::DoubleNat => "double-nat",
+        Nat::Ipv6Firewall => "ipv6-firewall",
     }
 }
 
@@ -70,6 +88,7 @@ fn case(camera: Nat, viewer: Nat, loss: u8, expect: &'static str) -> Case {
             same_lan: false,
             loss_percent: loss,
         },
+        family: Family::V4,
         expect,
     }
 }
@@ -93,7 +112,16 @@ pub fn cases() -> Vec<Case> {
                 same_lan: true,
                 loss_percent: 0,
             },
+            family: Family::V4,
             expect: "lan",
+        },
+        Case {
+            family: Family::V6,
+            ..case(Ipv6Firewall, Ipv6Firewall, 0, "direct")
+        },
+        Case {
+            family: Family::Dual,
+            ..case(Ipv6Firewall, Ipv6Firewall, 0, "direct")
         },
     ];
     let lossy: Vec<Case> = v
@@ -166,6 +194,7 @@ fn write_pki(dir: &Path) -> Result<(), String> {
         std::fs::write(dir.join(format!("{id}.key")), issued.key_pem).map_err(|e| e.to_string())
     };
     issue(Role::Rendezvous, "rdv", Some(Lab::RENDEZVOUS_IP.into()))?;
+    issue(Role::Rendezvous, "rdv6", Some(Lab::RENDEZVOUS_IP6.into()))?;
     issue(Role::Camera, "cam-1", None)?;
     issue(Role::Viewer, "alice", None)
 }
@@ -186,16 +215,28 @@ pub fn run_case(case: &Case) -> Outcome {
         connect_ms: None,
         ttff_ms: None,
         frames: 0,
+        family: format!("{:?}", case.family).to_lowercase(),
+        remote: None,
         ok: false,
         error: None,
     };
     match run_inner(case, &mut out) {
         Ok(()) => {
-            out.ok = out.path.as_deref() == Some(case.expect) && out.frames >= FRAMES;
+            let v6_remote = out.remote.as_deref().is_some_and(|r| r.starts_with('['));
+            let family_ok = case.family != Family::V6 || v6_remote;
+            out.ok = out.path.as_deref() == Some(case.expect) && out.frames >= FRAMES && family_ok;
             if !out.ok {
                 out.error = Some(format!(
-                    "expected path {} and {FRAMES} frames, got {:?} and {}",
-                    case.expect, out.path, out.frames
+                    "expected path {} and {FRAMES} frames{}, got {:?} and {} via {:?}",
+                    case.expect,
+                    if case.family == Family::V6 {
+                        " over IPv6"
+                    } else {
+                        ""
+                    },
+                    out.path,
+                    out.frames,
+                    out.remote
                 ));
             }
         }
@@ -213,23 +254,45 @@ fn run_inner(case: &Case, out: &mut Outcome) -> Result<(), String> {
     let d = dir.path();
     write_pki(d)?;
     let p = |f: &str| d.join(f).display().to_string();
-    let rdv = SocketAddr::new(Lab::RENDEZVOUS_IP.into(), 7400).to_string();
-
+    let (rdv, listen, rdv_id) = match case.family {
+        Family::V4 => (
+            SocketAddr::new(Lab::RENDEZVOUS_IP.into(), 7400),
+            "198.18.0.1:7400",
+            "rdv",
+        ),
+        Family::V6 => (
+            SocketAddr::new(Lab::RENDEZVOUS_IP6.into(), 7400),
+            "[::]:7400",
+            "rdv6",
+        ),
+        Family::Dual => (
+            SocketAddr::new(Lab::RENDEZVOUS_IP.into(), 7400),
+            "[::]:7400",
+            "rdv",
+        ),
+    };
+    let rdv = rdv.to_string();
+    let any = if case.family == Family::V4 {
+        "0.0.0.0"
+    } else {
+        "[::]"
+    };
+    let (rdv_cert, rdv_key) = (p(&format!("{rdv_id}.pem")), p(&format!("{rdv_id}.key")));
     let mut cmd = lab.command(lab.internet_ns(), binary("rendezvous"));
     cmd.args([
         "--listen",
-        &rdv,
+        listen,
         "--ca",
         &p("ca.pem"),
         "--cert",
-        &p("rdv.pem"),
+        &rdv_cert,
         "--key",
-        &p("rdv.key"),
+        &rdv_key,
     ]);
     let (_rdv, rdv_log) = spawn_logged(cmd)?;
     wait_line(&rdv_log, "rendezvous listening", Duration::from_secs(10))?;
 
-    let bind = format!("0.0.0.0:{}", lab.fixed_port(Side::Camera).unwrap_or(0));
+    let bind = format!("{any}:{}", lab.fixed_port(Side::Camera).unwrap_or(0));
     let mut cmd = lab.command(lab.host_ns(Side::Camera), binary("camera-agent"));
     cmd.args([
         "--rendezvous",
@@ -246,7 +309,7 @@ fn run_inner(case: &Case, out: &mut Outcome) -> Result<(), String> {
     let (_cam, cam_log) = spawn_logged(cmd)?;
     wait_line(&cam_log, "registered", Duration::from_secs(15))?;
 
-    let bind = format!("0.0.0.0:{}", lab.fixed_port(Side::Viewer).unwrap_or(0));
+    let bind = format!("{any}:{}", lab.fixed_port(Side::Viewer).unwrap_or(0));
     let mut cmd = lab.command(lab.host_ns(Side::Viewer), binary("viewer"));
     cmd.args([
         "--rendezvous",
@@ -286,6 +349,7 @@ fn run_inner(case: &Case, out: &mut Outcome) -> Result<(), String> {
     out.connect_ms = v["connect_ms"].as_f64();
     out.ttff_ms = v["ttff_ms"].as_f64();
     out.frames = v["frames"].as_u64().unwrap_or(0);
+    out.remote = v["remote"].as_str().map(String::from);
     Ok(())
 }
 
@@ -310,16 +374,17 @@ fn wait_output(child: Child, limit: Duration) -> Result<std::process::Output, St
 /// Formats outcomes as a text table.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = format!(
-        "{:<16} {:<16} {:>5} {:<8} {:<8} {:>11} {:>9} {:>4}\n",
-        "camera NAT", "viewer NAT", "loss", "expect", "path", "connect ms", "ttff ms", "ok"
+        "{:<16} {:<16} {:>5} {:<5} {:<8} {:<8} {:>11} {:>9} {:>4}\n",
+        "camera NAT", "viewer NAT", "loss", "ip", "expect", "path", "connect ms", "ttff ms", "ok"
     );
     let f = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
     for o in outcomes {
         s += &format!(
-            "{:<16} {:<16} {:>4}% {:<8} {:<8} {:>11} {:>9} {:>4}\n",
+            "{:<16} {:<16} {:>4}% {:<5} {:<8} {:<8} {:>11} {:>9} {:>4}\n",
             o.camera,
             o.viewer,
             o.loss,
+            o.family,
             o.expected,
             o.path.as_deref().unwrap_or("-"),
             f(o.connect_ms),

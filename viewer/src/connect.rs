@@ -150,10 +150,11 @@ pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, V
     let link = dial(config, &endpoint, &candidates, relay, rtt_hint).await;
     rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"connected");
     let (conn, remote) = link?;
-    // A host candidate that is also the observed address is a public host: direct.
+    // A host candidate that is also the observed address is a public host: direct. A
+    // global IPv6 host candidate behind routers is direct too: lan means on our link.
     let path = if Some(remote) == relay {
         Path::Relay
-    } else if camera_local.contains(&remote) && remote != observed {
+    } else if remote != observed && camera_local.contains(&remote) && net::on_link(remote.ip()) {
         Path::Lan
     } else {
         Path::Direct
