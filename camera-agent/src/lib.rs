@@ -69,6 +69,8 @@ pub struct Config {
     pub backoff_base: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// Send punch packets to viewers (turn off only to measure what punching buys).
+    pub punch: bool,
 }
 
 impl Config {
@@ -90,6 +92,7 @@ impl Config {
             latency_budget: DEFAULT_LATENCY_BUDGET,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            punch: true,
         }
     }
 }
@@ -374,6 +377,7 @@ async fn run(
             config: rdv_client,
             targets: config.rendezvous.clone(),
             backoff: peercam_common::backoff::Backoff::new(config.backoff_base, config.backoff_max),
+            punching: config.punch,
         },
         state.clone(),
         cancel.clone(),

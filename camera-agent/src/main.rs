@@ -45,6 +45,9 @@ struct Cli {
     /// Most viewers at once [default: 8].
     #[arg(long)]
     max_viewers: Option<usize>,
+    /// Do not send punch packets (diagnosis and benchmarks: shows what punching buys).
+    #[arg(long)]
+    no_punch: bool,
     /// Log as JSON lines.
     #[arg(long, env = "PEERCAM_LOG_JSON")]
     log_json: bool,
@@ -96,7 +99,8 @@ fn run(cli: Cli) -> Result<()> {
     if cli.once {
         file.looped = Some(false);
     }
-    let config = file.resolve()?;
+    let mut config = file.resolve()?;
+    config.punch = !cli.no_punch;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let handle = peercam_camera_agent::start(config).await?;

@@ -29,6 +29,7 @@ pub(crate) struct Client {
     pub(crate) config: quinn::ClientConfig,
     pub(crate) targets: Vec<RendezvousAddr>,
     pub(crate) backoff: Backoff,
+    pub(crate) punching: bool,
 }
 
 /// How a registration session ended.
@@ -207,7 +208,11 @@ fn introduce(
         warn!(%viewer, "too many pending introductions: declined");
         return ToRendezvous::Decline { session };
     }
-    let targets = punch::targets(&candidates, local);
+    let targets = if client.punching {
+        punch::targets(&candidates, local)
+    } else {
+        Vec::new()
+    };
     // The relay gets a hello carrying its token: that is how it learns our address.
     let hello = relay.and_then(|r| {
         let addr = peercam_common::net::for_socket(local, r.addr)?;

@@ -202,6 +202,17 @@ fn write_pki(dir: &Path) -> Result<(), String> {
 /// Runs one case: builds the lab, runs the three binaries in it, reads the viewer's
 /// summary. Everything it started is gone when it returns.
 pub fn run_case(case: &Case) -> Outcome {
+    run_case_with(case, false)
+}
+
+/// Runs one case as a baseline: the camera sends no punch packets and the viewer does not
+/// use the relay, i.e. a plain client dialling a server behind a NAT. `ok` then means "the
+/// baseline connected", whatever the path.
+pub fn run_baseline(case: &Case) -> Outcome {
+    run_case_with(case, true)
+}
+
+fn run_case_with(case: &Case, baseline: bool) -> Outcome {
     let mut out = Outcome {
         camera: name(case.spec.camera).into(),
         viewer: if case.spec.same_lan {
@@ -220,7 +231,8 @@ pub fn run_case(case: &Case) -> Outcome {
         ok: false,
         error: None,
     };
-    match run_inner(case, &mut out) {
+    match run_inner(case, baseline, &mut out) {
+        Ok(()) if baseline => out.ok = out.frames >= FRAMES,
         Ok(()) => {
             let v6_remote = out.remote.as_deref().is_some_and(|r| r.starts_with('['));
             let family_ok = case.family != Family::V6 || v6_remote;
@@ -248,7 +260,7 @@ pub fn run_case(case: &Case) -> Outcome {
 /// Frames each case must receive.
 pub const FRAMES: u64 = 25;
 
-fn run_inner(case: &Case, out: &mut Outcome) -> Result<(), String> {
+fn run_inner(case: &Case, baseline: bool, out: &mut Outcome) -> Result<(), String> {
     let lab = Lab::build(&case.spec).map_err(|e| format!("lab: {e}"))?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let d = dir.path();
@@ -306,6 +318,9 @@ fn run_inner(case: &Case, out: &mut Outcome) -> Result<(), String> {
     ])
     .args(["--allow", "alice", "--bind", &bind, "--source"])
     .arg(sample_path());
+    if baseline {
+        cmd.arg("--no-punch");
+    }
     let (_cam, cam_log) = spawn_logged(cmd)?;
     wait_line(&cam_log, "registered", Duration::from_secs(15))?;
 
@@ -330,6 +345,11 @@ fn run_inner(case: &Case, out: &mut Outcome) -> Result<(), String> {
         &FRAMES.to_string(),
     ])
     .args(["--connect-timeout", "5"])
+    .args(if baseline {
+        &["--relay", "never"][..]
+    } else {
+        &[][..]
+    })
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let child = cmd
@@ -394,6 +414,32 @@ pub fn table(outcomes: &[Outcome]) -> String {
         if let Some(e) = &o.error {
             s += &format!("    error: {e}\n");
         }
+    }
+    s
+}
+
+/// Formats baseline outcomes: did a plain dial connect, and how.
+pub fn baseline_table(outcomes: &[Outcome]) -> String {
+    let mut s = format!(
+        "{:<16} {:<16} {:>5} {:<5} {:<10} {:>11}\n",
+        "camera NAT", "viewer NAT", "loss", "ip", "connected", "connect ms"
+    );
+    for o in outcomes {
+        s += &format!(
+            "{:<16} {:<16} {:>4}% {:<5} {:<10} {:>11}\n",
+            o.camera,
+            o.viewer,
+            o.loss,
+            o.family,
+            if o.ok {
+                o.path.as_deref().unwrap_or("yes")
+            } else {
+                "no"
+            },
+            o.connect_ms
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into()),
+        );
     }
     s
 }

@@ -1,24 +1,28 @@
 //! `nat-matrix`: runs every NAT case of the lab with the real binaries, prints a table and
 //! writes the same as JSON. Needs root (network namespaces, nftables).
 //!
-//! Usage: nat-matrix [--json PATH] [--only SUBSTRING]
+//! Usage: nat-matrix [--json PATH] [--only SUBSTRING] [--baseline]
+//!
+//! With `--baseline`, every case also runs without punching and without relay (a plain
+//! client dialling the camera), side by side, to show what traversal buys.
 
 use std::process::ExitCode;
 
 use peercam_tests::lab::{require_root, sweep_stale};
-use peercam_tests::matrix::{cases, run_case, table};
+use peercam_tests::matrix::{baseline_table, cases, run_baseline, run_case, table};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut json = "target/nat-matrix.json".to_string();
     let mut only: Option<String> = None;
-    let mut it = args.iter();
+    let baseline = args.iter().any(|a| a == "--baseline");
+    let mut it = args.iter().filter(|a| *a != "--baseline");
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--json", Some(p)) => json = p.clone(),
             ("--only", Some(f)) => only = Some(f.clone()),
             _ => {
-                eprintln!("usage: nat-matrix [--json PATH] [--only SUBSTRING]");
+                eprintln!("usage: nat-matrix [--json PATH] [--only SUBSTRING] [--baseline]");
                 return ExitCode::from(2);
             }
         }
@@ -49,6 +53,21 @@ fn main() -> ExitCode {
         outcomes.push(o);
     }
     print!("{}", table(&outcomes));
+    if baseline {
+        let base: Vec<_> = cases()
+            .iter()
+            .filter(|c| {
+                only.as_ref().is_none_or(|f| {
+                    format!("{:?}", c.spec)
+                        .to_lowercase()
+                        .contains(&f.to_lowercase())
+                })
+            })
+            .map(run_baseline)
+            .collect();
+        println!("\nbaseline (no punching, no relay):");
+        print!("{}", baseline_table(&base));
+    }
     match serde_json::to_string_pretty(&outcomes) {
         Ok(text) => {
             if let Err(e) = std::fs::write(&json, text) {
