@@ -107,6 +107,20 @@ impl FileConfig {
         })
     }
 
+    /// The access list, validated.
+    pub fn access_list(&self) -> Result<Vec<ViewerId>, ConfigError> {
+        self.access
+            .iter()
+            .map(|v| {
+                ViewerId::new(v).map_err(|e| ConfigError::Bad {
+                    setting: "access",
+                    value: v.clone(),
+                    why: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
     /// Loads certificates, resolves addresses, builds the runtime configuration.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
         let ca = self.ca.as_ref().ok_or(ConfigError::Missing("ca"))?;
@@ -134,17 +148,7 @@ impl FileConfig {
             rendezvous,
             source,
         );
-        config.access = self
-            .access
-            .iter()
-            .map(|v| {
-                ViewerId::new(v).map_err(|e| ConfigError::Bad {
-                    setting: "access",
-                    value: v.clone(),
-                    why: e.to_string(),
-                })
-            })
-            .collect::<Result<_, _>>()?;
+        config.access = self.access_list()?;
         if let Some(bind) = self.bind {
             config.bind = bind;
         }

@@ -145,6 +145,8 @@ struct PendingSession {
 #[derive(Debug)]
 pub(crate) struct State {
     access: RwLock<HashSet<ViewerId>>,
+    /// Bumped on every access list change; the rendezvous session forwards the list.
+    access_gen: watch::Sender<u64>,
     sessions: Mutex<HashMap<SessionId, PendingSession>>,
     intro_tokens: Mutex<(f64, Instant)>,
     fanout: Arc<Fanout>,
@@ -283,11 +285,12 @@ impl Handle {
         self.status.clone()
     }
 
-    /// Replaces the access list (takes effect for new viewers at once, and is sent to the
-    /// rendezvous on the next registration).
+    /// Replaces the access list, without a restart: new viewers are checked against it at
+    /// once, and the rendezvous gets it right away.
     pub fn set_access(&self, access: Vec<ViewerId>) {
         *self.state.access.write().unwrap_or_else(|p| p.into_inner()) =
             access.into_iter().collect();
+        self.state.access_gen.send_modify(|g| *g += 1);
     }
 
     /// Asks the agent to stop.
@@ -327,6 +330,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let (status_tx, status_rx) = watch::channel(Status::default());
     let state = Arc::new(State {
         access: RwLock::new(config.access.iter().cloned().collect()),
+        access_gen: watch::channel(0).0,
         sessions: Mutex::default(),
         intro_tokens: Mutex::new((INTRO_BURST, Instant::now())),
         fanout: Arc::new(Fanout::new()),

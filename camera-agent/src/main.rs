@@ -9,9 +9,44 @@ use peercam_camera_agent::config::FileConfig;
 
 /// peercam camera agent: registers this camera with a rendezvous and streams H.264 directly
 /// and end-to-end encrypted to the viewers on its access list.
+///
+/// Set-up: `camera-agent init --id cam-7` makes the camera's key and CSR here; the CA signs
+/// the CSR (`certs sign-csr`); then `camera-agent --config /etc/peercam/camera.toml`.
+/// SIGHUP re-reads the access list from the config file.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Create this camera's key (it never leaves the camera), a CSR for the CA and a config
+    /// file to fill in.
+    Init(InitArgs),
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// The camera's ID (as the viewers will ask for it).
+    #[arg(long)]
+    id: String,
+    /// Directory for camera.key, camera.csr and camera.toml.
+    #[arg(long, default_value = "/etc/peercam")]
+    dir: PathBuf,
+    /// Rendezvous host:port to put in the config.
+    #[arg(long, default_value = "rdv.example.com:7400")]
+    rendezvous: String,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
     /// TOML config file (settings below override it).
     #[arg(long, short, env = "PEERCAM_CAMERA_CONFIG")]
     config: Option<PathBuf>,
@@ -55,8 +90,14 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
-    match run(cli) {
+    let result = match cli.command {
+        Some(Command::Init(args)) => init(args),
+        None => {
+            init_tracing(cli.run.log_json);
+            run(cli.run)
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("camera-agent: {e:#}");
@@ -78,7 +119,48 @@ fn init_tracing(json: bool) {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn init(args: InitArgs) -> Result<()> {
+    use peercam_certs::{files, make_csr, Identity, Role};
+    let identity = Identity::new(Role::Camera, &args.id)?;
+    let made = make_csr(&identity)?;
+    let (key, csr, toml) = (
+        args.dir.join("camera.key"),
+        args.dir.join("camera.csr"),
+        args.dir.join("camera.toml"),
+    );
+    files::write_private(&key, &made.key_pem, args.force)?;
+    files::write_public(&csr, &made.cert_pem, args.force)?;
+    let config = format!(
+        "# camera-agent configuration for {id}\n\
+         rendezvous = [\"{rdv}\"]\n\
+         ca = \"{dir}/ca.pem\"           # the deployment CA certificate\n\
+         cert = \"{dir}/camera.pem\"     # what `certs sign-csr` returns for camera.csr\n\
+         key = \"{dir}/camera.key\"      # made here, never leaves this camera\n\
+         access = []                      # viewer IDs allowed to watch, e.g. [\"alice\"]; reload with SIGHUP\n\
+         source = \"stdin\"               # or the path of an Annex B .h264 file\n",
+        id = args.id,
+        rdv = args.rendezvous,
+        dir = args.dir.display(),
+    );
+    files::write_public(&toml, &config, args.force)?;
+    println!("camera {} initialised in {}:", args.id, args.dir.display());
+    println!(
+        "  {}  private key (mode 0600): stays on this camera",
+        key.display()
+    );
+    println!("  {}  send this to your CA", csr.display());
+    println!("  {}  edit the rendezvous and access list", toml.display());
+    println!("next:");
+    println!("  1. on the CA machine: certs sign-csr --csr camera.csr --out camera.pem");
+    println!(
+        "  2. copy camera.pem and ca.pem into {}",
+        args.dir.display()
+    );
+    println!("  3. camera-agent --config {}", toml.display());
+    Ok(())
+}
+
+fn run(cli: RunArgs) -> Result<()> {
     let mut file = match &cli.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -104,24 +186,41 @@ fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let handle = peercam_camera_agent::start(config).await?;
-        wait_for_signal().await;
+        serve_signals(&handle, cli.config.as_deref()).await?;
         handle.shutdown();
         handle.join().await;
         Ok(())
     })
 }
 
-async fn wait_for_signal() {
+/// Runs until SIGTERM or Ctrl-C; on SIGHUP re-reads the access list from the config file.
+async fn serve_signals(
+    handle: &peercam_camera_agent::Handle,
+    config: Option<&std::path::Path>,
+) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = hup.recv() => reload_access(handle, config),
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn reload_access(handle: &peercam_camera_agent::Handle, config: Option<&std::path::Path>) {
+    let Some(path) = config else {
+        tracing::warn!("SIGHUP: no --config file to reload the access list from");
+        return;
+    };
+    let access = FileConfig::load(path).and_then(|f| f.access_list());
+    match access {
+        Ok(list) => {
+            tracing::info!(viewers = list.len(), "SIGHUP: access list reloaded");
+            handle.set_access(list);
         }
+        Err(e) => tracing::error!(error = %e, "SIGHUP: access list not changed"),
     }
 }

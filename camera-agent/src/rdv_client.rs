@@ -13,8 +13,10 @@ use peercam_common::backoff::Backoff;
 use peercam_common::frame;
 use peercam_common::rdv::{Capabilities, FromRendezvous, RelayOffer, ToRendezvous, RELAY_HELLO};
 use peercam_common::{net, SessionId, ViewerId};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::punch;
@@ -133,9 +135,34 @@ async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> End
     }
     // Later punch rounds run here, owned by this session.
     let mut punches = JoinSet::new();
+    // A reader task, so that waiting for a message never cuts a frame in half when the
+    // access list changes.
+    let (msg_tx, mut messages) = mpsc::channel(16);
+    let _reader = AbortOnDropHandle::new(tokio::spawn(async move {
+        loop {
+            let msg = frame::read::<FromRendezvous, _>(&mut recv).await;
+            let end = !matches!(msg, Ok(Some(_)));
+            if msg_tx.send(msg).await.is_err() || end {
+                return;
+            }
+        }
+    }));
+    let mut access_changes = state.access_gen.subscribe();
+    access_changes.mark_unchanged();
     loop {
         while punches.try_join_next().is_some() {}
-        match frame::read::<FromRendezvous, _>(&mut recv).await {
+        let msg = tokio::select! {
+            msg = messages.recv() => msg.unwrap_or(Ok(None)),
+            Ok(()) = access_changes.changed() => {
+                let update = ToRendezvous::SetAccess { access: state.access_list() };
+                if let Err(e) = frame::write(&mut send, &update).await {
+                    return Ended::Lost(format!("cannot update the access list: {e}"));
+                }
+                info!("access list sent to the rendezvous");
+                continue;
+            }
+        };
+        match msg {
             Ok(Some(FromRendezvous::Introduce {
                 session,
                 viewer,

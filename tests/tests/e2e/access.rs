@@ -38,24 +38,40 @@ async fn viewer_missing_from_access_list_is_refused_like_an_unknown_camera() {
 }
 
 #[tokio::test]
-async fn camera_enforces_its_access_list_itself() {
+async fn access_list_changes_apply_without_restart() {
     init_tracing();
     let pki = Pki::new();
     let rdv = start_rendezvous(&pki, any_port()).await;
-    let cam = start_camera(&pki, "cam-1", rdv.local_addr(), &["alice", "bob"]).await;
-    // The camera drops bob; the rendezvous still has the old list, so only the camera
-    // can refuse him now.
-    cam.set_access(vec![ViewerId::new("alice").expect("id")]);
-    let err = watch(viewer_config(&pki, "bob", rdv.local_addr(), "cam-1"))
-        .await
-        .expect_err("bob is refused by the camera");
-    assert!(matches!(err, ViewError::NotAllowed { .. }), "{err}");
-    let ok = {
-        let mut c = viewer_config(&pki, "alice", rdv.local_addr(), "cam-1");
+    let cam = start_camera(&pki, "cam-1", rdv.local_addr(), &["alice"]).await;
+    let bob = || {
+        let mut c = viewer_config(&pki, "bob", rdv.local_addr(), "cam-1");
         c.max_frames = Some(5);
-        watch(c).await
+        c
     };
-    assert_eq!(ok.expect("alice still watches").frames, 5);
+    let err = watch(bob()).await.expect_err("bob is not allowed yet");
+    assert!(matches!(err, ViewError::NotAllowed { .. }), "{err}");
+    // The owner adds bob: the camera and the rendezvous both learn it, no restart.
+    cam.set_access(vec![
+        ViewerId::new("alice").expect("id"),
+        ViewerId::new("bob").expect("id"),
+    ]);
+    let mut allowed = None;
+    for _ in 0..20 {
+        match watch(bob()).await {
+            Ok(summary) => {
+                allowed = Some(summary);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(allowed.expect("bob watches after being added").frames, 5);
+    assert_eq!(cam.status().registrations, 1, "no re-registration needed");
+    // And removed again.
+    cam.set_access(vec![ViewerId::new("alice").expect("id")]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = watch(bob()).await.expect_err("bob was removed");
+    assert!(matches!(err, ViewError::NotAllowed { .. }), "{err}");
     cam.shutdown();
     rdv.shutdown();
 }

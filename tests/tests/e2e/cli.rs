@@ -247,3 +247,138 @@ fn bad_config_names_the_file_and_line() {
         "{err}"
     );
 }
+
+#[test]
+fn setup_from_init_to_watching_and_access_reload_without_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cam_dir = d.join("camera");
+    let (ca, ca_key) = (d.join("ca.pem"), d.join("ca.key"));
+    assert!(run("certs", &["ca", "--out", s(d)]).status.success());
+    let port = free_udp_port();
+    let rdv_addr = format!("127.0.0.1:{port}");
+    // On the camera: key, CSR and config template.
+    let out = run(
+        "camera-agent",
+        &[
+            "init",
+            "--id",
+            "cam-7",
+            "--dir",
+            s(&cam_dir),
+            "--rendezvous",
+            &rdv_addr,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("certs sign-csr"));
+    // On the CA: sign the CSR (the key never moved).
+    let out = run(
+        "certs",
+        &[
+            "sign-csr",
+            "--ca",
+            s(&ca),
+            "--ca-key",
+            s(&ca_key),
+            "--csr",
+            s(&cam_dir.join("camera.csr")),
+            "--out",
+            s(&cam_dir.join("camera.pem")),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::copy(&ca, cam_dir.join("ca.pem")).expect("copy ca");
+    for (role, id, extra) in [
+        ("rendezvous", "rdv-1", vec!["--ip", "127.0.0.1"]),
+        ("viewer", "alice", vec![]),
+    ] {
+        let mut args = vec![
+            "issue",
+            "--ca",
+            s(&ca),
+            "--ca-key",
+            s(&ca_key),
+            "--role",
+            role,
+            "--id",
+            id,
+            "--out",
+            s(d),
+        ];
+        args.extend(extra);
+        assert!(run("certs", &args).status.success());
+    }
+    // Fill in the template: the source; no viewer allowed yet.
+    let toml = cam_dir.join("camera.toml");
+    let text = std::fs::read_to_string(&toml).expect("config");
+    let sample = sample_path();
+    let text = text.replace(
+        "source = \"stdin\"",
+        &format!("source = \"{}\"", s(&sample)),
+    );
+    std::fs::write(&toml, &text).expect("write config");
+
+    let (_rdv, rdv_log) = spawn(
+        "rendezvous",
+        &[
+            "--listen",
+            &rdv_addr,
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&d.join("rendezvous-rdv-1.pem")),
+            "--key",
+            s(&d.join("rendezvous-rdv-1.key")),
+        ],
+    );
+    wait_for_line(&rdv_log, "rendezvous listening", 10);
+    let (cam, cam_log) = spawn(
+        "camera-agent",
+        &["--config", s(&toml), "--bind", "127.0.0.1:0"],
+    );
+    wait_for_line(&cam_log, "registered", 10);
+    let (cert, key) = (d.join("viewer-alice.pem"), d.join("viewer-alice.key"));
+    let watch = || {
+        Command::new(binary("viewer"))
+            .args([
+                "--rendezvous",
+                &rdv_addr,
+                "--ca",
+                s(&ca),
+                "--cert",
+                s(&cert),
+                "--key",
+                s(&key),
+            ])
+            .args(["--bind", "127.0.0.1:0", "cam-7", "--frames", "10", "--json"])
+            .output()
+            .expect("viewer runs")
+    };
+    assert_eq!(watch().status.code(), Some(2), "alice is not allowed yet");
+    // The owner allows alice and sends SIGHUP: no restart.
+    std::fs::write(&toml, text.replace("access = []", "access = [\"alice\"]"))
+        .expect("write config");
+    assert!(Command::new("kill")
+        .args(["-HUP", &cam.0.id().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    wait_for_line(&cam_log, "access list sent to the rendezvous", 10);
+    let out = watch();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
+    assert_eq!(summary["frames"], 10);
+}
