@@ -80,7 +80,8 @@ fn name(n: Nat) -> &'static str {
     }
 }
 
-fn case(camera: Nat, viewer: Nat, loss: u8, expect: &'static str) -> Case {
+/// A case between two sides, IPv4.
+pub fn case(camera: Nat, viewer: Nat, loss: u8, expect: &'static str) -> Case {
     Case {
         spec: LabSpec {
             camera,
@@ -260,102 +261,206 @@ fn run_case_with(case: &Case, baseline: bool) -> Outcome {
 /// Frames each case must receive.
 pub const FRAMES: u64 = 25;
 
-fn run_inner(case: &Case, baseline: bool, out: &mut Outcome) -> Result<(), String> {
-    let lab = Lab::build(&case.spec).map_err(|e| format!("lab: {e}"))?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let d = dir.path();
-    write_pki(d)?;
-    let p = |f: &str| d.join(f).display().to_string();
-    let (rdv, listen, rdv_id) = match case.family {
-        Family::V4 => (
-            SocketAddr::new(Lab::RENDEZVOUS_IP.into(), 7400),
-            "198.18.0.1:7400",
-            "rdv",
-        ),
-        Family::V6 => (
-            SocketAddr::new(Lab::RENDEZVOUS_IP6.into(), 7400),
-            "[::]:7400",
-            "rdv6",
-        ),
-        Family::Dual => (
-            SocketAddr::new(Lab::RENDEZVOUS_IP.into(), 7400),
-            "[::]:7400",
-            "rdv",
-        ),
-    };
-    let rdv = rdv.to_string();
-    let any = if case.family == Family::V4 {
-        "0.0.0.0"
-    } else {
-        "[::]"
-    };
-    let (rdv_cert, rdv_key) = (p(&format!("{rdv_id}.pem")), p(&format!("{rdv_id}.key")));
-    let mut cmd = lab.command(lab.internet_ns(), binary("rendezvous"));
-    cmd.args([
-        "--listen",
-        listen,
-        "--ca",
-        &p("ca.pem"),
-        "--cert",
-        &rdv_cert,
-        "--key",
-        &rdv_key,
-    ]);
-    let (_rdv, rdv_log) = spawn_logged(cmd)?;
-    wait_line(&rdv_log, "rendezvous listening", Duration::from_secs(10))?;
+/// A lab with a rendezvous and a camera (cam-1, allowing alice) running in it, ready for
+/// viewer commands. Everything stops when it is dropped.
+pub struct Scene {
+    /// The lab (dropped last: it owns the namespaces).
+    pub lab: Lab,
+    dir: tempfile::TempDir,
+    rdv: String,
+    any: &'static str,
+    rdv_proc: Option<Proc>,
+    cam_proc: Option<Proc>,
+    logs: Vec<(&'static str, mpsc::Receiver<String>)>,
+}
 
-    let bind = format!("{any}:{}", lab.fixed_port(Side::Camera).unwrap_or(0));
-    let mut cmd = lab.command(lab.host_ns(Side::Camera), binary("camera-agent"));
-    cmd.args([
-        "--rendezvous",
-        &rdv,
-        "--ca",
-        &p("ca.pem"),
-        "--cert",
-        &p("cam-1.pem"),
-        "--key",
-        &p("cam-1.key"),
-    ])
-    .args(["--allow", "alice", "--bind", &bind, "--source"])
-    .arg(sample_path());
-    if baseline {
-        cmd.arg("--no-punch");
+/// Options for a [`Scene`].
+#[derive(Debug, Clone, Default)]
+pub struct SceneOptions {
+    /// Camera sends no punch packets.
+    pub no_punch: bool,
+    /// Rendezvous offers no relay.
+    pub no_relay: bool,
+}
+
+impl Scene {
+    /// Builds the lab and starts the rendezvous and the camera; waits for registration.
+    pub fn start(case: &Case, opts: &SceneOptions) -> Result<Scene, String> {
+        let lab = Lab::build(&case.spec).map_err(|e| format!("lab: {e}"))?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        write_pki(dir.path())?;
+        let (rdv, listen, rdv_id) = match case.family {
+            Family::V4 => (
+                SocketAddr::new(Lab::RENDEZVOUS_IP.into(), 7400),
+                "198.18.0.1:7400",
+                "rdv",
+            ),
+            Family::V6 => (
+                SocketAddr::new(Lab::RENDEZVOUS_IP6.into(), 7400),
+                "[::]:7400",
+                "rdv6",
+            ),
+            Family::Dual => (
+                SocketAddr::new(Lab::RENDEZVOUS_IP.into(), 7400),
+                "[::]:7400",
+                "rdv",
+            ),
+        };
+        let any = if case.family == Family::V4 {
+            "0.0.0.0"
+        } else {
+            "[::]"
+        };
+        let mut scene = Scene {
+            lab,
+            dir,
+            rdv: rdv.to_string(),
+            any,
+            rdv_proc: None,
+            cam_proc: None,
+            logs: Vec::new(),
+        };
+        let base = scene.dir.path().to_path_buf();
+        let p = |f: &str| base.join(f).display().to_string();
+        let mut cmd = scene
+            .lab
+            .command(scene.lab.internet_ns(), binary("rendezvous"));
+        cmd.args(["--listen", listen, "--ca", &p("ca.pem")]).args([
+            "--cert",
+            &p(&format!("{rdv_id}.pem")),
+            "--key",
+            &p(&format!("{rdv_id}.key")),
+        ]);
+        if opts.no_relay {
+            cmd.arg("--no-relay");
+        }
+        let (rdv_proc, rdv_log) = spawn_logged(cmd)?;
+        scene.rdv_proc = Some(rdv_proc);
+        wait_line(&rdv_log, "rendezvous listening", Duration::from_secs(10))?;
+        scene.logs.push(("rendezvous", rdv_log));
+        let bind = format!("{any}:{}", scene.lab.fixed_port(Side::Camera).unwrap_or(0));
+        let mut cmd = scene
+            .lab
+            .command(scene.lab.host_ns(Side::Camera), binary("camera-agent"));
+        cmd.args([
+            "--rendezvous",
+            &scene.rdv,
+            "--ca",
+            &p("ca.pem"),
+            "--cert",
+            &p("cam-1.pem"),
+        ])
+        .args([
+            "--key",
+            &p("cam-1.key"),
+            "--allow",
+            "alice",
+            "--bind",
+            &bind,
+            "--source",
+        ])
+        .arg(sample_path());
+        if opts.no_punch {
+            cmd.arg("--no-punch");
+        }
+        let (cam_proc, cam_log) = spawn_logged(cmd)?;
+        scene.cam_proc = Some(cam_proc);
+        wait_line(&cam_log, "registered", Duration::from_secs(15))?;
+        scene.logs.push(("camera", cam_log));
+        Ok(scene)
     }
-    let (_cam, cam_log) = spawn_logged(cmd)?;
-    wait_line(&cam_log, "registered", Duration::from_secs(15))?;
 
-    let bind = format!("{any}:{}", lab.fixed_port(Side::Viewer).unwrap_or(0));
-    let mut cmd = lab.command(lab.host_ns(Side::Viewer), binary("viewer"));
-    cmd.args([
-        "--rendezvous",
-        &rdv,
-        "--ca",
-        &p("ca.pem"),
-        "--cert",
-        &p("alice.pem"),
-        "--key",
-        &p("alice.key"),
-    ])
-    .args([
-        "--bind",
-        &bind,
+    /// The log lines of the rendezvous and the camera so far (for failure reports).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (who, rx) in &self.logs {
+            while let Ok(line) = rx.try_recv() {
+                out += &format!("{who}: {line}\n");
+            }
+        }
+        out
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.path().join(f).display().to_string()
+    }
+
+    /// A `viewer` command for alice, in the viewer's namespace, with `args` before the
+    /// connection settings (so subcommands work).
+    pub fn viewer(&self, args: &[&str]) -> std::process::Command {
+        let bind = format!(
+            "{}:{}",
+            self.any,
+            self.lab.fixed_port(Side::Viewer).unwrap_or(0)
+        );
+        let mut cmd = self
+            .lab
+            .command(self.lab.host_ns(Side::Viewer), binary("viewer"));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("VIEWER_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .args(args)
+        .args(["--rendezvous", &self.rdv, "--ca", &self.path("ca.pem")])
+        .args([
+            "--cert",
+            &self.path("alice.pem"),
+            "--key",
+            &self.path("alice.key"),
+            "--bind",
+            &bind,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs a viewer command with a bound.
+    pub fn run_viewer(&self, args: &[&str]) -> Result<std::process::Output, String> {
+        let child = self
+            .viewer(args)
+            .spawn()
+            .map_err(|e| format!("cannot start the viewer: {e}"))?;
+        wait_output(child, Duration::from_secs(40))
+    }
+
+    /// Stops the camera (SIGTERM, so it unregisters at once).
+    pub fn stop_camera(&mut self) {
+        if let Some(mut cam) = self.cam_proc.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &cam.0.id().to_string()])
+                .status();
+            let _ = cam.0.wait();
+        }
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        self.cam_proc.take();
+        self.rdv_proc.take();
+    }
+}
+
+fn run_inner(case: &Case, baseline: bool, out: &mut Outcome) -> Result<(), String> {
+    let opts = SceneOptions {
+        no_punch: baseline,
+        no_relay: false,
+    };
+    let scene = Scene::start(case, &opts)?;
+    let frames = FRAMES.to_string();
+    let mut args = vec![
         "cam-1",
         "--json",
         "--frames",
-        &FRAMES.to_string(),
-    ])
-    .args(["--connect-timeout", "5"])
-    .args(if baseline {
-        &["--relay", "never"][..]
-    } else {
-        &[][..]
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start the viewer: {e}"))?;
-    let output = wait_output(child, Duration::from_secs(40))?;
+        &frames,
+        "--connect-timeout",
+        "5",
+    ];
+    if baseline {
+        args.extend(["--relay", "never"]);
+    }
+    let output = scene.run_viewer(&args)?;
     if !output.status.success() {
         return Err(format!(
             "viewer failed ({}): {}",

@@ -101,16 +101,26 @@ pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, V
         camera: config.camera.clone(),
         local_addrs: net::host_candidates(local),
     };
+    let why = |e: frame::FrameError| {
+        let closed = rdv_conn
+            .close_reason()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        match e {
+            frame::FrameError::Io(io) => format!("{io}{closed}"),
+            other => format!("{other}{closed}"),
+        }
+    };
     frame::write(&mut send, &ask)
         .await
-        .map_err(|e| rdv_err(e.to_string()))?;
+        .map_err(|e| rdv_err(why(e)))?;
     let reply = tokio::time::timeout(
         config.connect_timeout + INTRO_ALLOWANCE,
         frame::read(&mut recv),
     )
     .await
     .map_err(|_| ViewError::IntroTimeout(config.camera.clone()))?
-    .map_err(|e| rdv_err(format!("{e}")))?;
+    .map_err(|e| rdv_err(why(e)))?;
     let viewer = ViewerId::new(&creds.identity.id).map_err(setup)?;
     let (session, observed, camera_local, camera_rtt, relay) = match reply {
         Some(FromRendezvous::PeerReady {

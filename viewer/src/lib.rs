@@ -225,6 +225,37 @@ fn human_secs(s: u64) -> String {
     }
 }
 
+/// One connectivity probe: how the camera was reached and how fast.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Probe {
+    /// `lan`, `direct` or `relay`.
+    pub path: String,
+    /// The camera address used.
+    pub remote: String,
+    /// Round-trip time measured by the QUIC handshake, ms.
+    pub rtt_ms: f64,
+    /// Start to verified connection, ms.
+    pub connect_ms: f64,
+}
+
+/// Finds and connects to the camera once, measures, and hangs up (no video).
+pub async fn probe(config: &Config) -> Result<Probe, ViewError> {
+    let started = tokio::time::Instant::now();
+    let link = connect::connect(config, started).await?;
+    let probe = Probe {
+        path: link.path.to_string(),
+        remote: link.remote.to_string(),
+        rtt_ms: link.conn.rtt().as_secs_f64() * 1000.0,
+        connect_ms: link.connected_after.as_secs_f64() * 1000.0,
+    };
+    link.conn.close(
+        quinn::VarInt::from_u32(peercam_common::media::close::OK),
+        b"probe done",
+    );
+    let _ = tokio::time::timeout(Duration::from_millis(300), link.endpoint.wait_idle()).await;
+    Ok(probe)
+}
+
 /// Watches a camera until a limit is reached, the camera ends the stream, or `cancel`.
 pub async fn watch(config: Config, cancel: CancellationToken) -> Result<Summary, ViewError> {
     let started = tokio::time::Instant::now();

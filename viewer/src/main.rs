@@ -16,10 +16,18 @@ use tokio_util::sync::CancellationToken;
 /// Example: viewer --rendezvous rdv.example.com:7400 --ca ca.pem --cert viewer-alice.pem
 /// --key viewer-alice.key cam-7 -o - | ffplay -f h264 -
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The camera's ID.
-    camera: CameraId,
+    #[arg(required = true)]
+    camera: Option<CameraId>,
     /// TOML config file (settings below override it).
     #[arg(long, short, env = "PEERCAM_VIEWER_CONFIG")]
     config: Option<PathBuf>,
@@ -61,8 +69,71 @@ struct Cli {
     connect_timeout: f64,
 }
 
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Probe the path to a camera: one line per probe, stopping once direct. Exit status:
+    /// 0 direct (or LAN), 6 relay only, 4 unreachable, 2 not allowed, 3 offline.
+    Ping {
+        /// The camera's ID.
+        camera: CameraId,
+        /// Most probes.
+        #[arg(long, short = 'c', default_value_t = 5)]
+        count: u32,
+        /// One JSON line per probe, and a final verdict line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Settings shared by every subcommand.
+#[derive(clap::Args)]
+struct Common {
+    /// TOML config file.
+    #[arg(long, short = 'C', env = "PEERCAM_VIEWER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Rendezvous server host:port.
+    #[arg(long, env = "PEERCAM_RENDEZVOUS")]
+    rendezvous: Option<String>,
+    /// Deployment CA certificate.
+    #[arg(long, env = "PEERCAM_CA")]
+    ca: Option<PathBuf>,
+    /// This viewer's certificate.
+    #[arg(long, env = "PEERCAM_CERT")]
+    cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "PEERCAM_KEY")]
+    key: Option<PathBuf>,
+    /// Local UDP address [default: 0.0.0.0:0].
+    #[arg(long)]
+    bind: Option<std::net::SocketAddr>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Ping {
+        camera,
+        count,
+        json,
+        common,
+    }) = cli.command
+    {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+        return match ping(camera, count, json, common) {
+            Ok(code) => code,
+            Err((code, msg)) => {
+                eprintln!("viewer: {msg}");
+                ExitCode::from(code)
+            }
+        };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if cli.json || cli.quiet {
             "error"
@@ -98,9 +169,10 @@ fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
     file.cert = cli.cert.or(file.cert);
     file.key = cli.key.or(file.key);
     file.bind = cli.bind.or(file.bind);
-    let mut config = file
-        .resolve(cli.camera)
-        .map_err(|e| (1, format!("{e:#}")))?;
+    let camera = cli
+        .camera
+        .ok_or((1, "which camera? pass its ID".to_string()))?;
+    let mut config = file.resolve(camera).map_err(|e| (1, format!("{e:#}")))?;
     config.sink = match cli.output.as_deref() {
         None => Sink::Discard,
         Some(p) if p.as_os_str() == "-" => Sink::Stdout,
@@ -159,4 +231,87 @@ fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn ping(
+    camera: CameraId,
+    count: u32,
+    json: bool,
+    common: Common,
+) -> Result<ExitCode, (u8, String)> {
+    let mut file = match &common.config {
+        Some(path) => FileConfig::load(path).map_err(|e| (1, format!("{e:#}")))?,
+        None => FileConfig::default(),
+    };
+    file.rendezvous = common.rendezvous.or(file.rendezvous);
+    file.ca = common.ca.or(file.ca);
+    file.cert = common.cert.or(file.cert);
+    file.key = common.key.or(file.key);
+    file.bind = common.bind.or(file.bind);
+    let config = file
+        .resolve(camera.clone())
+        .map_err(|e| (1, format!("{e:#}")))?;
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| (1, format!("cannot start the async runtime: {e}")))?;
+    let mut relayed = false;
+    for n in 1..=count.max(1) {
+        match runtime.block_on(peercam_viewer::probe(&config)) {
+            Ok(p) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&p).map_err(|e| (1, e.to_string()))?
+                    );
+                } else {
+                    println!(
+                        "probe {n}: {} {}  rtt {:.1} ms  (connected in {:.0} ms)",
+                        p.path, p.remote, p.rtt_ms, p.connect_ms
+                    );
+                }
+                if p.path != "relay" {
+                    verdict(
+                        json,
+                        "direct",
+                        &format!(
+                            "camera {camera} is reachable directly ({} {}).",
+                            p.path, p.remote
+                        ),
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                relayed = true;
+            }
+            Err(e) => {
+                let code = e.exit_code();
+                if !json {
+                    println!("probe {n}: failed: {e}");
+                }
+                if code != 4 || n == count.max(1) {
+                    if relayed {
+                        break;
+                    }
+                    verdict(json, "unreachable", &e.to_string());
+                    return Ok(ExitCode::from(code));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    verdict(
+        json,
+        "relay",
+        &format!("camera {camera} is reachable only through the relay: no direct path through the NATs on this network (a symmetric NAT on one side)."),
+    );
+    Ok(ExitCode::from(6))
+}
+
+fn verdict(json: bool, verdict: &str, sentence: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "verdict": verdict, "reason": sentence })
+        );
+    } else {
+        println!("{sentence}");
+    }
 }

@@ -22,3 +22,72 @@ fn every_nat_case_connects_on_the_expected_path() {
     assert!(failed.is_empty(), "NAT cases failed:\n{report}");
     assert_eq!(leftovers(), Vec::<String>::new(), "namespaces left behind");
 }
+
+#[test]
+fn viewer_ping_tells_direct_relay_only_and_unreachable_apart() {
+    use peercam_tests::lab::Nat::{PortRestricted, Symmetric};
+    use peercam_tests::matrix::{case, Scene, SceneOptions};
+    if let Err(why) = require_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the NAT lab must run in CI: {why}"
+        );
+        eprintln!("SKIPPED: ping lab test not run because {why}");
+        return;
+    }
+    let scenarios = [
+        (
+            case(PortRestricted, PortRestricted, 0, "direct"),
+            false,
+            0,
+            "reachable directly",
+        ),
+        (
+            case(Symmetric, Symmetric, 0, "relay"),
+            false,
+            6,
+            "only through the relay",
+        ),
+        (
+            case(Symmetric, Symmetric, 0, "-"),
+            true,
+            4,
+            "could not reach camera cam-1",
+        ),
+    ];
+    for (c, no_relay, code, sentence) in scenarios {
+        let opts = SceneOptions {
+            no_punch: false,
+            no_relay,
+        };
+        let scene = Scene::start(&c, &opts).expect("scene starts");
+        let out = scene
+            .run_viewer(&["ping", "cam-1", "--count", "3"])
+            .expect("ping runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.code() != Some(code) {
+            eprintln!(
+                "viewer stderr: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                scene.logs()
+            );
+        }
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{:?}/{:?}: {text}",
+            c.spec.camera,
+            c.spec.viewer
+        );
+        assert!(text.contains(sentence), "{text}");
+        assert!(text.contains("probe 1:"), "{text}");
+        if code == 6 {
+            assert_eq!(
+                text.matches(": relay ").count(),
+                3,
+                "one line per probe: {text}"
+            );
+        }
+    }
+    assert_eq!(leftovers(), Vec::<String>::new(), "namespaces left behind");
+}

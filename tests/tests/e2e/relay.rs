@@ -127,3 +127,21 @@ async fn relay_caps_bytes_per_session() {
     cam.shutdown();
     rdv.shutdown();
 }
+
+#[tokio::test]
+async fn repeated_probes_through_the_relay() {
+    init_tracing();
+    let pki = Pki::new();
+    let rdv = start_rendezvous(&pki, any_port()).await;
+    let cam = start_camera(&pki, "cam-1", rdv.local_addr(), &["alice"]).await;
+    let mut config = viewer_config(&pki, "alice", rdv.local_addr(), "cam-1");
+    config.relay = RelayMode::Only;
+    for i in 0..3 {
+        let p = within(10, "probe", peercam_viewer::probe(&config)).await;
+        let p = p.unwrap_or_else(|e| panic!("probe {i}: {e}"));
+        assert_eq!(p.path, "relay");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    cam.shutdown();
+    rdv.shutdown();
+}
