@@ -107,6 +107,26 @@ impl FileConfig {
         })
     }
 
+    /// Loads the camera's identity and its rendezvous list (enough for netcheck).
+    pub fn identity(&self) -> Result<(Credentials, Trust, Vec<RendezvousAddr>), ConfigError> {
+        let ca = self.ca.as_ref().ok_or(ConfigError::Missing("ca"))?;
+        let cert = self.cert.as_ref().ok_or(ConfigError::Missing("cert"))?;
+        let key = self.key.as_ref().ok_or(ConfigError::Missing("key"))?;
+        if self.rendezvous.is_empty() {
+            return Err(ConfigError::Missing("rendezvous"));
+        }
+        let rendezvous = self
+            .rendezvous
+            .iter()
+            .map(|r| parse_rendezvous(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((
+            Credentials::load(cert, key, Role::Camera)?,
+            Trust::load(ca)?,
+            rendezvous,
+        ))
+    }
+
     /// The access list, validated.
     pub fn access_list(&self) -> Result<Vec<ViewerId>, ConfigError> {
         self.access

@@ -27,6 +27,34 @@ enum Command {
     /// Create this camera's key (it never leaves the camera), a CSR for the CA and a config
     /// file to fill in.
     Init(InitArgs),
+    /// Check what this network allows: UDP, public address, whether the NAT is symmetric,
+    /// IPv6, RTT to the rendezvous, and a verdict. Exit status 4 when UDP gets no answer.
+    Netcheck(NetcheckArgs),
+}
+
+#[derive(clap::Args)]
+struct NetcheckArgs {
+    /// TOML config file.
+    #[arg(long, short, env = "PEERCAM_CAMERA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Rendezvous server host:port.
+    #[arg(long, env = "PEERCAM_RENDEZVOUS")]
+    rendezvous: Option<String>,
+    /// Deployment CA certificate.
+    #[arg(long, env = "PEERCAM_CA")]
+    ca: Option<PathBuf>,
+    /// This camera's certificate.
+    #[arg(long, env = "PEERCAM_CERT")]
+    cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "PEERCAM_KEY")]
+    key: Option<PathBuf>,
+    /// Local UDP address [default: 0.0.0.0:0].
+    #[arg(long)]
+    bind: Option<std::net::SocketAddr>,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -92,6 +120,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Init(args)) => init(args),
+        Some(Command::Netcheck(args)) => match netcheck(args) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(4),
+            Err(e) => Err(e),
+        },
         None => {
             init_tracing(cli.run.log_json);
             run(cli.run)
@@ -117,6 +150,43 @@ fn init_tracing(json: bool) {
     } else {
         builder.init();
     }
+}
+
+fn netcheck(args: NetcheckArgs) -> Result<bool> {
+    let mut file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    if let Some(r) = args.rendezvous {
+        file.rendezvous = vec![r];
+    }
+    file.ca = args.ca.or(file.ca);
+    file.cert = args.cert.or(file.cert);
+    file.key = args.key.or(file.key);
+    let bind = args
+        .bind
+        .or(file.bind)
+        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let (creds, trust, rendezvous) = file.identity()?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let first = rendezvous.first().context("no rendezvous configured")?;
+    if !args.json {
+        eprintln!("checking the network through the rendezvous at {first}...");
+    }
+    let check = peercam_common::netcheck::run(
+        &creds,
+        &trust,
+        first,
+        bind,
+        std::time::Duration::from_secs(3),
+    );
+    let report = runtime.block_on(check)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(report.udp)
 }
 
 fn init(args: InitArgs) -> Result<()> {

@@ -12,6 +12,7 @@ pub mod h264;
 pub mod ids;
 pub mod media;
 pub mod net;
+pub mod netcheck;
 pub mod quic;
 pub mod rdv;
 pub mod tls;

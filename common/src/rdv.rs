@@ -96,6 +96,8 @@ pub enum ToRendezvous {
         /// The introduction answered.
         session: SessionId,
     },
+    /// Any (netcheck): what address do you see me at?
+    WhoAmI,
 }
 
 /// Why the rendezvous could not introduce a viewer to a camera.
@@ -162,6 +164,14 @@ pub enum FromRendezvous {
     Refused {
         /// Why.
         reason: Refusal,
+    },
+    /// Any: the answer to `WhoAmI`.
+    YouAre {
+        /// The sender's address as the rendezvous sees it.
+        observed: SocketAddr,
+        /// A second port of this rendezvous, on the same address, to ask again: a different
+        /// answer there means the NAT's mapping depends on the destination.
+        probe_port: Option<u16>,
     },
     /// Any: the previous request was malformed or not allowed for your role.
     Error {

@@ -40,6 +40,11 @@ pub struct FileConfig {
     /// Unvalidated handshakes in progress above which clients must answer a QUIC Retry
     /// first (default 64; 0 = always).
     pub retry_threshold: Option<usize>,
+    /// Second UDP address for netcheck (default: the listen port + 1; "off" is not a
+    /// value: set `probe = false` to disable).
+    pub probe_listen: Option<SocketAddr>,
+    /// Answer netcheck on a second port (default true).
+    pub probe: Option<bool>,
     /// Offer a relay when no direct path works (default true).
     pub relay: Option<bool>,
     /// Most megabytes relayed per session.
@@ -121,6 +126,18 @@ impl FileConfig {
         if let Some(b) = self.lookup_burst {
             limits.registry.lookup_burst = b.max(1.0);
         }
+        let listen = self
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)));
+        if self.probe != Some(false) {
+            limits.probe_listen = self.probe_listen.or_else(|| {
+                let port = listen
+                    .port()
+                    .checked_add(1)
+                    .filter(|_| listen.port() != 0)?;
+                Some(SocketAddr::new(listen.ip(), port))
+            });
+        }
         if let Some(n) = self.retry_threshold {
             limits.retry_threshold = n;
         }
@@ -140,9 +157,7 @@ impl FileConfig {
         }
         limits.relay_public_ip = self.relay_public_ip;
         Ok(Config {
-            listen: self
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
+            listen,
             credentials: Credentials::load(cert, key, Role::Rendezvous)?,
             trust: Trust::load(ca)?
                 .with_deny_list(DenyList::parse(&self.revoked_ids, &self.revoked_certs)?),

@@ -49,6 +49,9 @@ pub struct Limits {
     /// address with a QUIC Retry (0: always). Below it, quinn's anti-amplification limit
     /// applies (three times what the address sent, plus at most one datagram).
     pub retry_threshold: usize,
+    /// Second UDP address on which the rendezvous also answers, so that clients can tell
+    /// whether their NAT's mapping depends on the destination (netcheck). `None`: none.
+    pub probe_listen: Option<SocketAddr>,
     /// Relay limits; `None` disables the relay.
     pub relay: Option<RelayLimits>,
     /// Address the relay advertises, when the listen address is not the public one (a
@@ -66,6 +69,7 @@ impl Default for Limits {
             frame_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(2),
             retry_threshold: 64,
+            probe_listen: None,
             relay: Some(RelayLimits::default()),
             relay_public_ip: None,
         }
@@ -105,6 +109,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Handle {
     local_addr: SocketAddr,
+    probe_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
@@ -114,6 +119,11 @@ impl Handle {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The second (netcheck) address, if any.
+    pub fn probe_addr(&self) -> Option<SocketAddr> {
+        self.probe_addr
     }
 
     /// Asks the server to shut down (returns at once; see [`Handle::join`]).
@@ -154,6 +164,7 @@ struct Pending {
 
 struct Shared {
     listen: SocketAddr,
+    probe_port: Option<u16>,
     relay: Option<Relay>,
     registry: Mutex<Registry>,
     cameras: Mutex<HashMap<ConnId, CameraLink>>,
@@ -199,8 +210,27 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         addr: config.listen,
         source,
     })?;
+    let probe = match config.limits.probe_listen {
+        Some(addr) => {
+            let server = quic::quic_server(
+                tls::server_config(
+                    &config.credentials,
+                    &config.trust,
+                    &[Role::Camera, Role::Viewer],
+                    ALPN,
+                )?,
+                quic::rendezvous_transport(),
+            )?;
+            let ep = quinn::Endpoint::server(server, addr)
+                .map_err(|source| StartError::Bind { addr, source })?;
+            Some(ep)
+        }
+        None => None,
+    };
+    let probe_addr = probe.as_ref().and_then(|ep| ep.local_addr().ok());
     let shared = Arc::new(Shared {
         listen: local_addr,
+        probe_port: probe_addr.map(|a| a.port()),
         relay: config.limits.relay.clone().map(Relay::new),
         registry: Mutex::new(Registry::new(config.limits.registry.clone())),
         cameras: Mutex::default(),
@@ -210,13 +240,23 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         limits: config.limits,
     });
     let cancel = CancellationToken::new();
+    let main_loop = accept_loop(endpoint, shared.clone(), cancel.clone());
+    let probe_loop = probe.map(|ep| accept_loop(ep, shared.clone(), cancel.clone()));
     let task = tokio::spawn(
-        accept_loop(endpoint, shared.clone(), cancel.clone())
-            .instrument(info_span!("rendezvous", listen = %local_addr)),
+        async move {
+            match probe_loop {
+                Some(probe_loop) => {
+                    tokio::join!(main_loop, probe_loop);
+                }
+                None => main_loop.await,
+            }
+        }
+        .instrument(info_span!("rendezvous", listen = %local_addr)),
     );
-    info!(%local_addr, "rendezvous listening");
+    info!(%local_addr, probe = ?probe_addr, "rendezvous listening");
     Ok(Handle {
         local_addr,
+        probe_addr,
         cancel,
         task,
         shared,
@@ -341,6 +381,9 @@ async fn camera_session(
         }))) if access.len() <= MAX_ACCESS_LIST && check_addrs(&local_addrs).is_ok() => {
             (local_addrs, access)
         }
+        Ok(Ok(Some(ToRendezvous::WhoAmI))) => {
+            return who_am_i(&conn, &mut send, &mut recv, &shared).await;
+        }
         _ => return close_conn(&conn, close::PROTOCOL, "expected Register"),
     };
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -451,8 +494,8 @@ fn camera_message(
                 .registry()
                 .set_access(camera, conn_id, access.into_iter().collect());
         }
-        ToRendezvous::Register { .. } | ToRendezvous::Connect { .. } => {
-            return Err("unexpected message for a camera")
+        ToRendezvous::Register { .. } | ToRendezvous::Connect { .. } | ToRendezvous::WhoAmI => {
+            return Err("unexpected message for a registered camera")
         }
     }
     Ok(())
@@ -494,6 +537,7 @@ async fn viewer_session(
             })) if check_addrs(&local_addrs).is_ok() => {
                 introduce(&shared, &conn, &viewer, camera, local_addrs).await
             }
+            Ok(Some(ToRendezvous::WhoAmI)) => you_are(&conn, &shared),
             Ok(None) | Err(FrameError::Io(_)) => return,
             Ok(Some(_)) | Err(_) => {
                 warn!("malformed or unexpected message from viewer");
@@ -610,4 +654,28 @@ async fn allocate_relay(
         alloc.camera_side.set_ip(public);
     }
     Some(alloc)
+}
+
+fn you_are(conn: &quinn::Connection, shared: &Shared) -> FromRendezvous {
+    FromRendezvous::YouAre {
+        observed: canonical(conn.remote_address()),
+        probe_port: shared.probe_port,
+    }
+}
+
+/// A netcheck session: answers `WhoAmI` until the peer is done.
+async fn who_am_i(
+    conn: &quinn::Connection,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    shared: &Shared,
+) {
+    let mut asked = true;
+    while asked {
+        if frame::write(send, &you_are(conn, shared)).await.is_err() {
+            return;
+        }
+        let next = frame::read_within::<ToRendezvous, _>(recv, Some(shared.limits.frame_timeout));
+        asked = matches!(next.await, Ok(Some(ToRendezvous::WhoAmI)));
+    }
 }

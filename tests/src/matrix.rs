@@ -388,6 +388,11 @@ impl Scene {
     /// A `viewer` command for alice, in the viewer's namespace, with `args` before the
     /// connection settings (so subcommands work).
     pub fn viewer(&self, args: &[&str]) -> std::process::Command {
+        self.viewer_to(args, &self.rdv)
+    }
+
+    /// Like [`Scene::viewer`], dialling the rendezvous at `rdv`.
+    pub fn viewer_to(&self, args: &[&str], rdv: &str) -> std::process::Command {
         let bind = format!(
             "{}:{}",
             self.any,
@@ -401,7 +406,7 @@ impl Scene {
             std::env::var("VIEWER_LOG").unwrap_or_else(|_| "error".into()),
         )
         .args(args)
-        .args(["--rendezvous", &self.rdv, "--ca", &self.path("ca.pem")])
+        .args(["--rendezvous", rdv, "--ca", &self.path("ca.pem")])
         .args([
             "--cert",
             &self.path("alice.pem"),
@@ -413,6 +418,28 @@ impl Scene {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         cmd
+    }
+
+    /// Runs `camera-agent` with `args` and the camera's identity, in the camera's
+    /// namespace (for its subcommands, e.g. netcheck), with a bound.
+    pub fn run_camera_tool(&self, args: &[&str]) -> Result<std::process::Output, String> {
+        let mut cmd = self
+            .lab
+            .command(self.lab.host_ns(Side::Camera), binary("camera-agent"));
+        cmd.args(args)
+            .args(["--rendezvous", &self.rdv, "--ca", &self.path("ca.pem")])
+            .args([
+                "--cert",
+                &self.path("cam-1.pem"),
+                "--key",
+                &self.path("cam-1.key"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start camera-agent: {e}"))?;
+        wait_output(child, Duration::from_secs(30))
     }
 
     /// Runs a viewer command with a bound.

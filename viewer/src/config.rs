@@ -71,8 +71,8 @@ impl FileConfig {
         })
     }
 
-    /// Loads certificates and builds a runtime configuration for watching `camera`.
-    pub fn resolve(&self, camera: CameraId) -> Result<crate::Config, ConfigError> {
+    /// Loads the identity and the rendezvous address.
+    pub fn identity(&self) -> Result<(Credentials, Trust, RendezvousAddr), ConfigError> {
         let ca = self.ca.as_ref().ok_or(ConfigError::Missing("ca"))?;
         let cert = self.cert.as_ref().ok_or(ConfigError::Missing("cert"))?;
         let key = self.key.as_ref().ok_or(ConfigError::Missing("key"))?;
@@ -80,12 +80,17 @@ impl FileConfig {
             .rendezvous
             .as_deref()
             .ok_or(ConfigError::Missing("rendezvous"))?;
-        let mut config = crate::Config::new(
+        Ok((
             Credentials::load(cert, key, Role::Viewer)?,
             Trust::load(ca)?,
             RendezvousAddr::parse(rendezvous)?,
-            camera,
-        );
+        ))
+    }
+
+    /// Loads certificates and builds a runtime configuration for watching `camera`.
+    pub fn resolve(&self, camera: CameraId) -> Result<crate::Config, ConfigError> {
+        let (creds, trust, rendezvous) = self.identity()?;
+        let mut config = crate::Config::new(creds, trust, rendezvous, camera);
         if let Some(bind) = self.bind {
             config.bind = bind;
         }

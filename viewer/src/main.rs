@@ -71,6 +71,15 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum Command {
+    /// Check what this network allows: UDP, public address, whether the NAT is symmetric,
+    /// IPv6, RTT to the rendezvous, and a verdict. Exit status 4 when UDP gets no answer.
+    Netcheck {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Probe the path to a camera: one line per probe, stopping once direct. Exit status:
     /// 0 direct (or LAN), 6 relay only, 4 unreachable, 2 not allowed, 3 offline.
     Ping {
@@ -85,6 +94,21 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+}
+
+impl Common {
+    fn file_config(self) -> Result<FileConfig, (u8, String)> {
+        let mut file = match &self.config {
+            Some(path) => FileConfig::load(path).map_err(|e| (1, format!("{e:#}")))?,
+            None => FileConfig::default(),
+        };
+        file.rendezvous = self.rendezvous.or(file.rendezvous);
+        file.ca = self.ca.or(file.ca);
+        file.cert = self.cert.or(file.cert);
+        file.key = self.key.or(file.key);
+        file.bind = self.bind.or(file.bind);
+        Ok(file)
+    }
 }
 
 /// Settings shared by every subcommand.
@@ -112,6 +136,15 @@ struct Common {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Netcheck { json, common }) = cli.command {
+        return match netcheck(json, common) {
+            Ok(code) => code,
+            Err((code, msg)) => {
+                eprintln!("viewer: {msg}");
+                ExitCode::from(code)
+            }
+        };
+    }
     if let Some(Command::Ping {
         camera,
         count,
@@ -233,21 +266,42 @@ fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
     })
 }
 
+fn netcheck(json: bool, common: Common) -> Result<ExitCode, (u8, String)> {
+    let file = common.file_config()?;
+    let (creds, trust, rendezvous) = file.identity().map_err(|e| (1, format!("{e:#}")))?;
+    let bind = file
+        .bind
+        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| (1, format!("cannot start the async runtime: {e}")))?;
+    if !json {
+        eprintln!("checking the network through the rendezvous at {rendezvous}...");
+    }
+    let check =
+        peercam_common::netcheck::run(&creds, &trust, &rendezvous, bind, Duration::from_secs(3));
+    let report = runtime.block_on(check).map_err(|e| (1, e.to_string()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| (1, e.to_string()))?
+        );
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(if report.udp {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(4)
+    })
+}
+
 fn ping(
     camera: CameraId,
     count: u32,
     json: bool,
     common: Common,
 ) -> Result<ExitCode, (u8, String)> {
-    let mut file = match &common.config {
-        Some(path) => FileConfig::load(path).map_err(|e| (1, format!("{e:#}")))?,
-        None => FileConfig::default(),
-    };
-    file.rendezvous = common.rendezvous.or(file.rendezvous);
-    file.ca = common.ca.or(file.ca);
-    file.cert = common.cert.or(file.cert);
-    file.key = common.key.or(file.key);
-    file.bind = common.bind.or(file.bind);
+    let file = common.file_config()?;
     let config = file
         .resolve(camera.clone())
         .map_err(|e| (1, format!("{e:#}")))?;
