@@ -160,7 +160,7 @@ fn netcheck_gives_the_right_verdict_behind_each_kind_of_nat() {
             _ => "direct connections likely",
         };
         assert!(
-            text.contains(&format!("verdict: ")) && text.contains(words),
+            text.contains("verdict: ") && text.contains(words),
             "camera behind {nat:?}: {text}"
         );
     }
