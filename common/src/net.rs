@@ -97,6 +97,13 @@ pub fn host_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
     out
 }
 
+/// Every address of this host's interfaces, loopback included.
+pub fn interface_ips() -> Vec<IpAddr> {
+    if_addrs::get_if_addrs()
+        .map(|ifs| ifs.into_iter().map(|i| i.ip()).collect())
+        .unwrap_or_default()
+}
+
 /// Whether `ip` is on the same link as one of this host's interfaces (reachable without a
 /// router): what makes a path `lan` rather than `direct`.
 pub fn on_link(ip: IpAddr) -> bool {

@@ -91,7 +91,7 @@ pub async fn run(
         report.udp = true;
         report.public_address = Some(observed);
         report.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
-        let mine: Vec<IpAddr> = host_candidates(local).iter().map(|a| a.ip()).collect();
+        let mine = crate::net::interface_ips();
         report.behind_nat =
             Some(!(mine.contains(&observed.ip()) && observed.port() == local.port()));
         if let Some(port) = probe_port {

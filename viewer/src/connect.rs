@@ -76,12 +76,19 @@ pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, V
         addr: config.rendezvous.to_string(),
         why,
     };
+    info!(
+        target: "progress",
+        "asking the rendezvous at {} for camera {}",
+        config.rendezvous,
+        config.camera
+    );
+    let rdv_addr = net::for_socket(local, config.rendezvous.addr).ok_or_else(|| {
+        rdv_err(format!(
+            "this socket ({local}) cannot reach that address family"
+        ))
+    })?;
     let connecting = endpoint
-        .connect_with(
-            rdv_cfg,
-            config.rendezvous.addr,
-            &config.rendezvous.server_name,
-        )
+        .connect_with(rdv_cfg, rdv_addr, &config.rendezvous.server_name)
         .map_err(|e| rdv_err(e.to_string()))?;
     let rdv_conn = match tokio::time::timeout(config.connect_timeout, connecting).await {
         Ok(Ok(c)) => c,
@@ -157,6 +164,13 @@ pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, V
         candidates.clear();
     }
     let relay = relay.filter(|_| config.relay != RelayMode::Never);
+    info!(
+        target: "progress",
+        "camera {} found; connecting to {} candidate address(es){}",
+        config.camera,
+        candidates.len(),
+        if relay.is_some() { " and the relay" } else { "" }
+    );
     let link = dial(config, &endpoint, &candidates, relay, rtt_hint).await;
     rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"connected");
     let (conn, remote) = link?;
@@ -170,7 +184,12 @@ pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, V
         Path::Direct
     };
     let connected_after = started.elapsed();
-    info!(camera = %config.camera, %remote, %path, ?connected_after, "connected");
+    info!(
+        target: "progress",
+        "connected to camera {}: {path} {remote} in {:.0} ms (end-to-end encrypted, identity verified)",
+        config.camera,
+        connected_after.as_secs_f64() * 1000.0
+    );
     Ok(Link {
         endpoint,
         conn,

@@ -167,16 +167,20 @@ fn main() -> ExitCode {
             }
         };
     }
+    // On a terminal the viewer says what it is doing; with --json or --quiet only errors.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if cli.json || cli.quiet {
             "error"
         } else {
-            "warn"
+            "warn,progress=info"
         })
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .with_level(false)
         .init();
     match run(cli) {
         Ok(code) => code,

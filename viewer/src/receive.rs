@@ -76,10 +76,11 @@ pub(crate) async fn run(
         Err(_) => return Err(lost("the camera sent no stream parameters".into())),
     };
     info!(
-        width = info.width,
-        height = info.height,
-        fps = info.fps_milli as f64 / 1000.0,
-        "stream parameters"
+        target: "progress",
+        "stream {}x{} at {:.1} fps; waiting for the first keyframe",
+        info.width,
+        info.height,
+        info.fps_milli as f64 / 1000.0
     );
     let offset: Offset = Arc::default();
     let _pinger = AbortOnDropHandle::new(tokio::spawn(ping_loop(send, recv, offset.clone())));
@@ -207,6 +208,12 @@ async fn main_loop(
                     }
                     if stats.ttff.is_none() {
                         stats.ttff = Some(started.elapsed());
+                        let to = match &config.sink {
+                            Sink::File(p) => format!("writing to {}", p.display()),
+                            Sink::Stdout => "writing to stdout".into(),
+                            Sink::Discard => "not saving it (use -o FILE or -o -)".into(),
+                        };
+                        info!(target: "progress", "first frame after {:.0} ms; {to}", started.elapsed().as_secs_f64() * 1000.0);
                     }
                     stats.frame(data.len(), recv_us, header.capture_us, header.is_cached());
                     if config.max_frames.is_some_and(|m| stats.frames >= m) {
