@@ -1,11 +1,21 @@
 //! Through real NATs: the whole matrix of LAB.md, with the real binaries in network
 //! namespaces. Needs root; in CI (which runs as root) it must run, never skip.
 
+use std::sync::{Mutex, MutexGuard};
+
 use peercam_tests::lab::{leftovers, require_root, sweep_stale};
+
+/// The lab tests take turns: a leftover check sees only the labs of the test that makes
+/// it, and NAT timings are not disturbed by another lab's load.
+fn one_lab_at_a_time() -> MutexGuard<'static, ()> {
+    static LAB: Mutex<()> = Mutex::new(());
+    LAB.lock().unwrap_or_else(|p| p.into_inner())
+}
 use peercam_tests::matrix::{cases, run_case, table};
 
 #[test]
 fn every_nat_case_connects_on_the_expected_path() {
+    let _turn = one_lab_at_a_time();
     if let Err(why) = require_root() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -25,6 +35,7 @@ fn every_nat_case_connects_on_the_expected_path() {
 
 #[test]
 fn viewer_ping_tells_direct_relay_only_and_unreachable_apart() {
+    let _turn = one_lab_at_a_time();
     use peercam_tests::lab::Nat::{PortRestricted, Symmetric};
     use peercam_tests::matrix::{case, Scene, SceneOptions};
     if let Err(why) = require_root() {
@@ -94,6 +105,7 @@ fn viewer_ping_tells_direct_relay_only_and_unreachable_apart() {
 
 #[test]
 fn netcheck_gives_the_right_verdict_behind_each_kind_of_nat() {
+    let _turn = one_lab_at_a_time();
     use peercam_tests::lab::Nat::*;
     use peercam_tests::matrix::{case, Family, Scene, SceneOptions};
     if let Err(why) = require_root() {
