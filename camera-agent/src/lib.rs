@@ -13,6 +13,7 @@ pub mod punch;
 mod rdv_client;
 mod serve;
 pub mod source;
+pub mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -137,6 +138,8 @@ struct PendingSession {
     expires: Instant,
     /// Addresses the viewer's packets may come from (its candidates, the relay).
     ips: Vec<IpAddr>,
+    /// The relay's address, if one was offered.
+    relay: Option<SocketAddr>,
     /// RTT to the viewer estimated through the rendezvous.
     rtt: Duration,
 }
@@ -157,6 +160,10 @@ pub(crate) struct State {
     /// The media server configuration; each viewer connection gets a copy whose
     /// `initial_rtt` comes from its introduction.
     server_config: quinn::ServerConfig,
+    /// Viewers being served now.
+    viewers: Mutex<Vec<Arc<status::ViewerStats>>>,
+    /// Since when the agent has not been registered (None while registered).
+    unregistered_since: Mutex<Option<Instant>>,
 }
 
 /// Transport of the camera's media connections.
@@ -172,6 +179,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl State {
+    pub(crate) fn add_viewer(&self, v: Arc<status::ViewerStats>) {
+        lock(&self.viewers).push(v);
+    }
+
+    pub(crate) fn remove_viewer(&self, v: &Arc<status::ViewerStats>) {
+        lock(&self.viewers).retain(|x| !Arc::ptr_eq(x, v));
+    }
+
+    pub(crate) fn set_registered(&self, registered: bool) {
+        let mut since = lock(&self.unregistered_since);
+        match (registered, *since) {
+            (true, _) => *since = None,
+            (false, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
     pub(crate) fn allowed(&self, viewer: &ViewerId) -> bool {
         self.access
             .read()
@@ -198,6 +222,7 @@ impl State {
         session: SessionId,
         viewer: ViewerId,
         ips: Vec<IpAddr>,
+        relay: Option<SocketAddr>,
         rtt: Duration,
     ) -> bool {
         let mut s = lock(&self.sessions);
@@ -211,6 +236,7 @@ impl State {
                 viewer,
                 expires: now + SESSION_TTL,
                 ips,
+                relay,
                 rtt,
             },
         );
@@ -242,19 +268,17 @@ impl State {
     }
 
     /// Consumes a session: valid once, for the viewer it was made for, before it expires.
+    /// Returns the relay address of the introduction (`Some(None)`: no relay).
     pub(crate) fn take_session(
         &self,
         now: Instant,
         session: &SessionId,
         viewer: &ViewerId,
-    ) -> bool {
+    ) -> Option<Option<SocketAddr>> {
         let mut s = lock(&self.sessions);
         match s.get(session) {
-            Some(p) if &p.viewer == viewer && p.expires > now => {
-                s.remove(session);
-                true
-            }
-            _ => false,
+            Some(p) if &p.viewer == viewer && p.expires > now => s.remove(session).map(|p| p.relay),
+            _ => None,
         }
     }
 }
@@ -263,6 +287,8 @@ impl State {
 #[derive(Debug)]
 pub struct Handle {
     local_addr: SocketAddr,
+    camera: String,
+    not_after: i64,
     cancel: CancellationToken,
     status: watch::Receiver<Status>,
     task: tokio::task::JoinHandle<()>,
@@ -293,6 +319,22 @@ impl Handle {
         self.state.access_gen.send_modify(|g| *g += 1);
     }
 
+    /// The agent's status: identity, certificate, registration, viewers, warnings.
+    pub fn report(&self) -> status::Report {
+        self.reporter().report()
+    }
+
+    /// Something that can produce status reports while the agent runs (for an admin
+    /// socket), without holding the handle.
+    pub fn reporter(&self) -> Reporter {
+        Reporter {
+            camera: self.camera.clone(),
+            not_after: self.not_after,
+            status: self.status.clone(),
+            state: self.state.clone(),
+        }
+    }
+
     /// Asks the agent to stop.
     pub fn shutdown(&self) {
         self.cancel.cancel();
@@ -301,6 +343,35 @@ impl Handle {
     /// Waits until the agent has stopped.
     pub async fn join(self) {
         let _ = self.task.await;
+    }
+}
+
+/// Produces status reports of a running agent.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    camera: String,
+    not_after: i64,
+    status: watch::Receiver<Status>,
+    state: Arc<State>,
+}
+
+impl Reporter {
+    /// The agent's status now.
+    pub fn report(&self) -> status::Report {
+        let viewers = lock(&self.state.viewers).clone();
+        let status = self.status.borrow().clone();
+        let unregistered = if status.registered.is_some() {
+            None
+        } else {
+            lock(&self.state.unregistered_since).map(|t| t.elapsed())
+        };
+        status::report(
+            &self.camera,
+            self.not_after,
+            &status,
+            &viewers,
+            unregistered,
+        )
     }
 }
 
@@ -339,9 +410,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         max_viewers: config.max_viewers,
         latency_budget: config.latency_budget,
         server_config: server,
+        viewers: Mutex::default(),
+        unregistered_since: Mutex::new(Some(Instant::now())),
     });
     let cancel = CancellationToken::new();
     let camera = creds.identity.id.clone();
+    let config_not_after = creds.not_after;
     let span = info_span!("camera", camera = %camera);
     let task = tokio::spawn(
         run(config, shared, rdv_client, state.clone(), cancel.clone()).instrument(span),
@@ -349,6 +423,8 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     info!(%local_addr, camera = %camera, "camera-agent started");
     Ok(Handle {
         local_addr,
+        camera: camera.clone(),
+        not_after: config_not_after,
         cancel,
         status: status_rx,
         task,

@@ -30,7 +30,20 @@ enum Command {
     /// Check what this network allows: UDP, public address, whether the NAT is symmetric,
     /// IPv6, RTT to the rendezvous, and a verdict. Exit status 4 when UDP gets no answer.
     Netcheck(NetcheckArgs),
+    /// Show the running agent's identity, certificate expiry, registration, viewers and
+    /// warnings (read from its status socket).
+    Status {
+        /// The agent's status socket.
+        #[arg(long, default_value = DEFAULT_STATUS_SOCKET, env = "PEERCAM_STATUS_SOCKET")]
+        socket: PathBuf,
+        /// The raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+/// Where the agent answers `camera-agent status`.
+const DEFAULT_STATUS_SOCKET: &str = "/run/peercam/camera-agent.sock";
 
 #[derive(clap::Args)]
 struct NetcheckArgs {
@@ -108,6 +121,9 @@ struct RunArgs {
     /// Most viewers at once [default: 8].
     #[arg(long)]
     max_viewers: Option<usize>,
+    /// Unix socket on which the agent answers `camera-agent status`.
+    #[arg(long, default_value = DEFAULT_STATUS_SOCKET, env = "PEERCAM_STATUS_SOCKET")]
+    status_socket: PathBuf,
     /// Do not send punch packets (diagnosis and benchmarks: shows what punching buys).
     #[arg(long)]
     no_punch: bool,
@@ -120,6 +136,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Init(args)) => init(args),
+        Some(Command::Status { socket, json }) => status(&socket, json),
         Some(Command::Netcheck(args)) => match netcheck(args) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(4),
@@ -189,6 +206,59 @@ fn netcheck(args: NetcheckArgs) -> Result<bool> {
     Ok(report.udp)
 }
 
+/// Answers status requests on a Unix socket: one JSON report per connection. Runs until
+/// the returned handle is dropped; a socket that cannot be made is logged, not fatal.
+fn serve_status(
+    reporter: peercam_camera_agent::Reporter,
+    path: &std::path::Path,
+) -> Option<tokio_util::task::AbortOnDropHandle<()>> {
+    use tokio::io::AsyncWriteExt;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = match tokio::net::UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(socket = %path.display(), error = %e, "no status socket: `camera-agent status` will not work");
+            return None;
+        }
+    };
+    tracing::info!(socket = %path.display(), "status socket ready");
+    Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let report = reporter.report();
+                if let Ok(mut text) = serde_json::to_string(&report) {
+                    text.push('\n');
+                    let _ = stream.write_all(text.as_bytes()).await;
+                }
+            }
+        },
+    )))
+}
+
+fn status(socket: &std::path::Path, json: bool) -> Result<()> {
+    use std::io::Read;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the agent's status socket {}: is camera-agent running (and started with this --status-socket)?",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    if json {
+        print!("{text}");
+    } else {
+        let report: peercam_camera_agent::status::Report =
+            serde_json::from_str(&text).context("the agent sent an unreadable status")?;
+        print!("{}", report.human());
+    }
+    Ok(())
+}
+
 fn init(args: InitArgs) -> Result<()> {
     use peercam_certs::{files, make_csr, Identity, Role};
     let identity = Identity::new(Role::Camera, &args.id)?;
@@ -256,7 +326,10 @@ fn run(cli: RunArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let handle = peercam_camera_agent::start(config).await?;
+        let status_server = serve_status(handle.reporter(), &cli.status_socket);
         serve_signals(&handle, cli.config.as_deref()).await?;
+        drop(status_server);
+        let _ = std::fs::remove_file(&cli.status_socket);
         handle.shutdown();
         handle.join().await;
         Ok(())

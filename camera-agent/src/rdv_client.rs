@@ -51,6 +51,7 @@ pub(crate) async fn run(mut client: Client, state: Arc<State>, cancel: Cancellat
             ended = session(&client, &target, &state) => ended,
         };
         state.status.send_modify(|s| s.registered = None);
+        state.set_registered(false);
         match ended {
             Ended::Lost(why) => {
                 warn!(rendezvous = %target.addr, reason = %why, "lost the rendezvous, reconnecting");
@@ -114,6 +115,7 @@ async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> End
     match first {
         Ok(Ok(Some(FromRendezvous::Registered { observed }))) => {
             info!(rendezvous = %target.addr, %observed, "registered");
+            state.set_registered(true);
             state.status.send_modify(|s| {
                 s.registered = Some(observed);
                 s.registrations += 1;
@@ -231,7 +233,15 @@ fn introduce(
     }
     let mut ips: Vec<_> = candidates.iter().map(|a| a.ip().to_canonical()).collect();
     ips.extend(relay.map(|r| r.addr.ip().to_canonical()));
-    if !state.expect_session(Instant::now(), session, viewer.clone(), ips, rtt) {
+    let relay_addr = relay.map(|r| peercam_common::net::canonical(r.addr));
+    if !state.expect_session(
+        Instant::now(),
+        session,
+        viewer.clone(),
+        ips,
+        relay_addr,
+        rtt,
+    ) {
         warn!(%viewer, "too many pending introductions: declined");
         return ToRendezvous::Decline { session };
     }

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::fanout::Published;
+use crate::status::ViewerStats;
 use crate::State;
 
 /// How long a viewer has to finish the handshake and say hello.
@@ -86,10 +87,19 @@ async fn serve_viewer(incoming: quinn::Incoming, state: Arc<State>, cancel: Canc
         let Ok(Some((mut send, recv, session))) = hello else {
             return deny(&conn, close::PROTOCOL, "expected Hello");
         };
-        if !state.take_session(Instant::now(), &session, &viewer) {
+        let Some(relay) = state.take_session(Instant::now(), &session, &viewer) else {
             warn!(%session, "refused: unknown, used or expired session");
             return deny(&conn, close::ACCESS_DENIED, "unknown or expired session");
-        }
+        };
+        let remote = peercam_common::net::canonical(conn.remote_address());
+        let remote_ip = remote.ip();
+        let path = if Some(remote) == relay {
+            "relay"
+        } else if peercam_common::net::on_link(remote_ip) && !remote_ip.is_loopback() {
+            "lan"
+        } else {
+            "direct"
+        };
         let Some(_slot) = ViewerSlot::take(&state) else {
             warn!("refused: too many viewers");
             let _ = frame::write(
@@ -101,7 +111,10 @@ async fn serve_viewer(incoming: quinn::Incoming, state: Arc<State>, cancel: Canc
             .await;
             return deny(&conn, close::TOO_MANY_VIEWERS, "too many viewers");
         };
-        info!(remote = %conn.remote_address(), "viewer connected");
+        info!(remote = %conn.remote_address(), path, "viewer connected");
+        let stats = ViewerStats::new(viewer.to_string(), conn.clone(), path);
+        state.add_viewer(stats.clone());
+        let _listed = Listed(&state, stats.clone());
         let Some(info) = state.fanout.info().await else {
             return;
         };
@@ -111,8 +124,8 @@ async fn serve_viewer(incoming: quinn::Incoming, state: Arc<State>, cancel: Canc
         {
             return;
         }
-        let control = answer_pings(send, recv);
-        let stream = stream_gops(&conn, &state);
+        let control = answer_pings(send, recv, &stats);
+        let stream = stream_gops(&conn, &state, &stats);
         let outcome = tokio::select! {
             _ = cancel.cancelled() => "camera shutting down",
             _ = control => "viewer closed its control stream",
@@ -150,13 +163,29 @@ impl Drop for ViewerSlot {
     }
 }
 
-async fn answer_pings(mut send: SendStream, mut recv: quinn::RecvStream) {
+/// Takes a viewer off the status list when its session ends.
+struct Listed<'a>(&'a State, Arc<ViewerStats>);
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        self.0.remove_viewer(&self.1);
+    }
+}
+
+async fn answer_pings(mut send: SendStream, mut recv: quinn::RecvStream, stats: &ViewerStats) {
     while let Ok(Some(msg)) = frame::read::<ToCamera, _>(&mut recv).await {
         if let ToCamera::Ping { id, viewer_time_us } = msg {
+            let now = unix_micros();
+            // The ping left the viewer about half an RTT ago.
+            let half_rtt = stats.conn.rtt().as_micros() as i64 / 2;
+            let skew = viewer_time_us as i64 + half_rtt - now as i64;
+            stats
+                .skew_us
+                .store(skew, std::sync::atomic::Ordering::Relaxed);
             let pong = FromCamera::Pong {
                 id,
                 viewer_time_us,
-                camera_time_us: unix_micros(),
+                camera_time_us: now,
             };
             if frame::write(&mut send, &pong).await.is_err() {
                 return;
@@ -172,7 +201,7 @@ struct GopStream {
 }
 
 /// Streams the cached GOP, then live frames, until the source ends or the viewer is gone.
-async fn stream_gops(conn: &quinn::Connection, state: &State) -> &'static str {
+async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStats) -> &'static str {
     let budget = state.latency_budget;
     let sub = state.fanout.subscribe();
     let mut live = sub.live;
@@ -184,9 +213,11 @@ async fn stream_gops(conn: &quinn::Connection, state: &State) -> &'static str {
             gop: sub.gop,
             frame,
         };
+        let size = p.frame.data.len();
         if let Err(why) = send_frame(conn, &mut current, &p, None, true).await {
             return why;
         }
+        stats.sent(size);
     }
     loop {
         let p = tokio::select! {
@@ -225,7 +256,7 @@ async fn stream_gops(conn: &quinn::Connection, state: &State) -> &'static str {
             continue;
         }
         match send_frame(conn, &mut current, &p, Some(budget - age), false).await {
-            Ok(()) => {}
+            Ok(()) => stats.sent(p.frame.data.len()),
             Err("stale") => {
                 abandon(&mut current);
                 skip_gop = Some(p.gop);

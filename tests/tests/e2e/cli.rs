@@ -382,3 +382,134 @@ fn setup_from_init_to_watching_and_access_reload_without_restart() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
     assert_eq!(summary["frames"], 10);
 }
+
+#[test]
+fn camera_status_shows_registration_viewers_and_warnings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (ca, ca_key) = (d.join("ca.pem"), d.join("ca.key"));
+    assert!(run("certs", &["ca", "--out", s(d)]).status.success());
+    for (role, id, extra) in [
+        ("rendezvous", "rdv-1", vec!["--ip", "127.0.0.1"]),
+        ("camera", "cam-1", vec!["--days", "10"]),
+        ("viewer", "alice", vec![]),
+    ] {
+        let mut args = vec![
+            "issue",
+            "--ca",
+            s(&ca),
+            "--ca-key",
+            s(&ca_key),
+            "--role",
+            role,
+            "--id",
+            id,
+            "--out",
+            s(d),
+        ];
+        args.extend(extra);
+        assert!(run("certs", &args).status.success());
+    }
+    let socket = d.join("camera.sock");
+    // No agent yet: a clear sentence.
+    let out = run("camera-agent", &["status", "--socket", s(&socket)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is camera-agent running"));
+
+    let rdv_addr = format!("127.0.0.1:{}", free_udp_port());
+    let (_rdv, rdv_log) = spawn(
+        "rendezvous",
+        &[
+            "--listen",
+            &rdv_addr,
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&d.join("rendezvous-rdv-1.pem")),
+            "--key",
+            s(&d.join("rendezvous-rdv-1.key")),
+        ],
+    );
+    wait_for_line(&rdv_log, "rendezvous listening", 10);
+    let sample = sample_path();
+    let (cert, key) = (d.join("camera-cam-1.pem"), d.join("camera-cam-1.key"));
+    let (_cam, cam_log) = spawn(
+        "camera-agent",
+        &[
+            "--rendezvous",
+            &rdv_addr,
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&cert),
+            "--key",
+            s(&key),
+            "--allow",
+            "alice",
+            "--source",
+            s(&sample),
+            "--bind",
+            "127.0.0.1:0",
+            "--status-socket",
+            s(&socket),
+        ],
+    );
+    wait_for_line(&cam_log, "registered", 10);
+    let out = run("camera-agent", &["status", "--socket", s(&socket)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("camera cam-1") && text.contains("registered, seen at 127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: the camera's certificate expires in "),
+        "{text}"
+    );
+    assert!(text.contains("viewers:      0"), "{text}");
+
+    let mut viewer = Command::new(binary("viewer"))
+        .args([
+            "--rendezvous",
+            &rdv_addr,
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&d.join("viewer-alice.pem")),
+        ])
+        .args([
+            "--key",
+            s(&d.join("viewer-alice.key")),
+            "--bind",
+            "127.0.0.1:0",
+            "cam-1",
+            "--duration",
+            "4",
+            "--quiet",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("viewer");
+    std::thread::sleep(Duration::from_millis(2000));
+    let out = run(
+        "camera-agent",
+        &["status", "--socket", s(&socket), "--json"],
+    );
+    let _ = viewer.wait();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON status");
+    let viewers = report["viewers"].as_array().expect("viewers");
+    assert_eq!(viewers.len(), 1, "{report}");
+    assert_eq!(viewers[0]["viewer"], "alice");
+    assert_eq!(viewers[0]["path"], "direct");
+    assert!(viewers[0]["fps"].as_f64().expect("fps") > 10.0, "{report}");
+    assert!(
+        viewers[0]["bitrate_kbps"].as_f64().expect("bitrate") > 100.0,
+        "{report}"
+    );
+    assert_eq!(report["registered"], true);
+}
