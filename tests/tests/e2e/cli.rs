@@ -185,6 +185,41 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
     assert_eq!(summary["frames"], 30);
     assert_eq!(ffprobe_frames(&out_file).expect("ffprobe"), 30);
 
+    // Annex B on stdout, piped into a real decoder: `viewer ... -o - | ffmpeg -f h264 -i -`.
+    let mut args = viewer_args("cam-1");
+    args.extend(["--frames", "40", "--quiet", "-o", "-"].map(String::from));
+    let mut viewer = Command::new(binary("viewer"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("viewer runs");
+    let decoder = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "h264",
+            "-i",
+            "-",
+            "-f",
+            "null",
+            "-progress",
+            "pipe:1",
+            "-",
+        ])
+        .stdin(viewer.stdout.take().expect("stdout"))
+        .output()
+        .expect("ffmpeg runs (install ffmpeg)");
+    assert!(viewer.wait().expect("viewer exits").success());
+    let progress = String::from_utf8_lossy(&decoder.stdout);
+    let decoded: u64 = progress
+        .lines()
+        .filter_map(|l| l.strip_prefix("frame="))
+        .last()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("ffmpeg reports decoded frames");
+    assert_eq!(decoded, 40, "ffmpeg decoded {decoded} frames from the pipe");
+
     // Unknown camera: exit status 2 and a sentence saying what to do.
     let out = Command::new(binary("viewer"))
         .args(viewer_args("cam-404"))
