@@ -214,8 +214,8 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
     let progress = String::from_utf8_lossy(&decoder.stdout);
     let decoded: u64 = progress
         .lines()
-        .filter_map(|l| l.strip_prefix("frame="))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("frame="))
         .and_then(|n| n.trim().parse().ok())
         .expect("ffmpeg reports decoded frames");
     assert_eq!(decoded, 40, "ffmpeg decoded {decoded} frames from the pipe");
