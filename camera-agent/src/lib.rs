@@ -358,20 +358,17 @@ pub struct Reporter {
 impl Reporter {
     /// The agent's status now.
     pub fn report(&self) -> status::Report {
-        let viewers = lock(&self.state.viewers).clone();
+        let viewers = lock(&self.state.viewers)
+            .iter()
+            .map(|v| v.report())
+            .collect();
         let status = self.status.borrow().clone();
         let unregistered = if status.registered.is_some() {
             None
         } else {
             lock(&self.state.unregistered_since).map(|t| t.elapsed())
         };
-        status::report(
-            &self.camera,
-            self.not_after,
-            &status,
-            &viewers,
-            unregistered,
-        )
+        status::report(&self.camera, self.not_after, &status, viewers, unregistered)
     }
 }
 

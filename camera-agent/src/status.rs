@@ -48,7 +48,7 @@ impl ViewerStats {
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    fn report(&self) -> ViewerReport {
+    pub(crate) fn report(&self) -> ViewerReport {
         let secs = self.since.elapsed().as_secs_f64().max(0.001);
         ViewerReport {
             viewer: self.viewer.clone(),
@@ -112,12 +112,11 @@ pub(crate) fn report(
     camera: &str,
     not_after: i64,
     status: &crate::Status,
-    viewers: &[Arc<ViewerStats>],
+    viewers: Vec<ViewerReport>,
     unregistered_for: Option<Duration>,
 ) -> Report {
     let now = peercam_common::unix_micros() as i64 / 1_000_000;
     let days_left = (not_after - now).div_euclid(86_400);
-    let viewers: Vec<ViewerReport> = viewers.iter().map(|v| v.report()).collect();
     let mut warnings = Vec::new();
     if days_left < 0 {
         warnings.push(
@@ -185,5 +184,60 @@ impl Report {
             s += &format!("  warning: {w}\n");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn viewer(skew_ms: f64) -> ViewerReport {
+        ViewerReport {
+            viewer: "alice".into(),
+            remote: "198.18.0.12:4000".into(),
+            path: "direct".into(),
+            rtt_ms: 20.0,
+            fps: 25.0,
+            bitrate_kbps: 1000.0,
+            connected_secs: 10,
+            clock_skew_ms: skew_ms,
+        }
+    }
+
+    #[test]
+    fn warnings_in_plain_words() {
+        let now = peercam_common::unix_micros() as i64 / 1_000_000;
+        let unregistered = crate::Status {
+            last_error: Some("198.18.0.1:7400 did not answer".into()),
+            ..Default::default()
+        };
+        let r = report(
+            "cam-1",
+            now + 5 * 86_400 + 60,
+            &unregistered,
+            vec![viewer(4500.0)],
+            Some(Duration::from_secs(30)),
+        );
+        let all = r.warnings.join("\n");
+        assert!(all.contains("certificate expires in 5 days"), "{all}");
+        assert!(
+            all.contains("not registered for 30 s (198.18.0.1:7400 did not answer)"),
+            "{all}"
+        );
+        assert!(
+            all.contains("clock differs from viewer alice's by 4.5 s"),
+            "{all}"
+        );
+        assert!(r.human().contains("NOT registered"));
+        // A healthy agent has nothing to say.
+        let ok = crate::Status {
+            registered: Some("198.18.0.11:4000".parse().unwrap()),
+            registrations: 1,
+            ..Default::default()
+        };
+        let r = report("cam-1", now + 400 * 86_400, &ok, vec![viewer(3.0)], None);
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let r = report("cam-1", now - 86_400, &ok, vec![], None);
+        assert!(r.warnings[0].contains("has expired"));
     }
 }

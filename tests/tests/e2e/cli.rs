@@ -170,6 +170,11 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
         "viewer failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        out.stderr.is_empty(),
+        "--json keeps stderr quiet: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
     for key in [
         "frames",
@@ -184,6 +189,25 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
     }
     assert_eq!(summary["frames"], 30);
     assert_eq!(ffprobe_frames(&out_file).expect("ffprobe"), 30);
+
+    // On a terminal (no --json) the viewer says what it is doing.
+    let mut args = viewer_args("cam-1");
+    args.extend(["--frames", "10", "-o", s(&out_file)].map(String::from));
+    let out = Command::new(binary("viewer"))
+        .args(&args)
+        .output()
+        .expect("viewer runs");
+    let said = String::from_utf8_lossy(&out.stderr);
+    for step in [
+        "asking the rendezvous at",
+        "camera cam-1 found; connecting to",
+        "connected to camera cam-1: direct",
+        "waiting for the first keyframe",
+        "first frame after",
+        "writing to",
+    ] {
+        assert!(said.contains(step), "progress lacks {step:?}: {said}");
+    }
 
     // Annex B on stdout, piped into a real decoder: `viewer ... -o - | ffmpeg -f h264 -i -`.
     let mut args = viewer_args("cam-1");
