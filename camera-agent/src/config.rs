@@ -191,7 +191,7 @@ pub fn parse_rendezvous(s: &str) -> Result<RendezvousAddr, ConfigError> {
     })
 }
 
-/// Parses a source: `stdin`, `-`, `file:PATH` or `PATH`.
+/// Parses a source: `stdin`, `-`, `exec:COMMAND`, `file:PATH` or `PATH`.
 pub fn parse_source(s: &str, looped: bool, fps: Option<f64>) -> Result<SourceSpec, ConfigError> {
     if let Some(f) = fps.filter(|f| !(f.is_finite() && *f > 0.0 && *f <= 1000.0)) {
         return Err(ConfigError::Bad {
@@ -200,12 +200,23 @@ pub fn parse_source(s: &str, looped: bool, fps: Option<f64>) -> Result<SourceSpe
             why: "must be between 0 and 1000".into(),
         });
     }
+    if let Some(command) = s.strip_prefix("exec:") {
+        if command.trim().is_empty() {
+            return Err(ConfigError::Bad {
+                setting: "source",
+                value: s.to_string(),
+                why: "exec: needs a command, e.g. exec:libcamera-vid -t 0 --inline -o -".into(),
+            });
+        }
+        return Ok(SourceSpec::Exec(command.to_string()));
+    }
     match s {
         "stdin" | "-" => Ok(SourceSpec::Stdin),
         _ if s.contains("://") => Err(ConfigError::Bad {
             setting: "source",
             value: s.to_string(),
-            why: "URL sources are not supported yet: use a file, or pipe into stdin".into(),
+            why: "URL sources are not supported yet: use a file, exec:COMMAND, or pipe into stdin"
+                .into(),
         }),
         _ => Ok(SourceSpec::File {
             path: PathBuf::from(s.strip_prefix("file:").unwrap_or(s)),

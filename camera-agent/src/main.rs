@@ -106,7 +106,8 @@ struct RunArgs {
     /// Viewer allowed to watch (repeatable).
     #[arg(long = "allow", env = "PEERCAM_ALLOW", value_delimiter = ',')]
     allow: Vec<String>,
-    /// Video source: an Annex B .h264 file, `file:PATH`, or `stdin`.
+    /// Video source: an Annex B .h264 file, `file:PATH`, `stdin`, or `exec:COMMAND` (run
+    /// with sh, Annex B on its stdout, restarted when it exits).
     #[arg(long, env = "PEERCAM_SOURCE")]
     source: Option<String>,
     /// Play a file source once instead of looping it.

@@ -36,6 +36,10 @@ pub enum SourceSpec {
     },
     /// Annex B H.264 on standard input, sent as it arrives.
     Stdin,
+    /// A command (run with `sh -c`) writing Annex B H.264 to its stdout, such as
+    /// `libcamera-vid -t 0 --inline -o -` or `ffmpeg ... -f h264 -`; restarted with
+    /// backoff whenever it exits.
+    Exec(String),
 }
 
 /// Why a source stopped.
@@ -135,10 +139,59 @@ pub async fn run(
             }
             .inspect(|_| info!(source = %name, "source ended"))
         }
-        SourceSpec::Stdin => tokio::select! {
-            r = run_live(tokio::io::stdin(), "stdin", Framer::new(fanout, None)) => r,
+        SourceSpec::Stdin => {
+            let mut framer = Framer::new(fanout, None);
+            tokio::select! {
+                r = run_live(tokio::io::stdin(), "stdin", &mut framer) => r,
+                _ = cancel.cancelled() => Ok(()),
+            }
+        }
+        SourceSpec::Exec(command) => tokio::select! {
+            r = run_exec(&command, fanout) => r,
             _ = cancel.cancelled() => Ok(()),
         },
+    }
+}
+
+/// A command that ran at least this long counts as healthy: its next restart is quick.
+const EXEC_HEALTHY: Duration = Duration::from_secs(10);
+
+/// Runs `command` and streams its stdout; restarts it with backoff when it exits. Only a
+/// command that cannot be started at all ends the source.
+async fn run_exec(command: &str, fanout: Arc<Fanout>) -> Result<(), SourceError> {
+    let name = format!("exec:{command}");
+    let mut backoff =
+        peercam_common::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    // Stream parameters and keyframes carry over: a restarted command goes on the same
+    // stream, and viewers resume at its first keyframe.
+    let mut framer = Framer::new(fanout, None);
+    loop {
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| SourceError::Io {
+                path: name.clone(),
+                source,
+            })?;
+        let started = Instant::now();
+        info!(source = %name, pid = child.id(), "video command started");
+        if let Some(stdout) = child.stdout.take() {
+            if let Err(e) = run_live(stdout, &name, &mut framer).await {
+                warn!(source = %name, error = %e, "reading the video command failed");
+            }
+        }
+        let status = child.wait().await;
+        if started.elapsed() > EXEC_HEALTHY {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(rand::random::<f64>().max(0.2));
+        warn!(source = %name, ?status, ?delay, "video command exited; restarting");
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -178,7 +231,7 @@ async fn run_file(path: PathBuf, looped: bool, mut framer: Framer) -> Result<(),
 pub(crate) async fn run_live<R: AsyncRead + Unpin>(
     mut input: R,
     name: &str,
-    mut framer: Framer,
+    framer: &mut Framer,
 ) -> Result<(), SourceError> {
     let mut reader = AnnexBReader::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -224,7 +277,7 @@ mod tests {
     async fn live_input_publishes_every_frame_with_info() {
         let fanout = Arc::new(Fanout::new());
         let mut sub = fanout.subscribe();
-        run_live(SAMPLE, "sample", Framer::new(fanout.clone(), None))
+        run_live(SAMPLE, "sample", &mut Framer::new(fanout.clone(), None))
             .await
             .expect("runs");
         let info = fanout.info().await.expect("info");

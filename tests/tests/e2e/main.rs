@@ -9,4 +9,5 @@ mod nat;
 mod recovery;
 mod relay;
 mod security;
+mod sources;
 mod streaming;
