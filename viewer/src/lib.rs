@@ -9,6 +9,7 @@
 
 pub mod config;
 mod connect;
+pub mod mp4;
 mod receive;
 pub mod stats;
 
@@ -74,6 +75,10 @@ pub struct Config {
     pub latency_budget: Duration,
     /// Relay use.
     pub relay: RelayMode,
+    /// Also record to fragmented MP4 here (crash-safe).
+    pub record: Option<PathBuf>,
+    /// Start a new recording file every this many seconds.
+    pub record_segment_secs: Option<u64>,
 }
 
 impl Config {
@@ -97,6 +102,8 @@ impl Config {
             progress: false,
             latency_budget: Duration::from_millis(1500),
             relay: RelayMode::Auto,
+            record: None,
+            record_segment_secs: None,
         }
     }
 }

@@ -46,6 +46,13 @@ struct Cli {
     /// Write Annex B H.264 here (`-` for stdout).
     #[arg(long, short)]
     output: Option<PathBuf>,
+    /// Also record to a fragmented MP4 file (playable up to its last GOP even if the
+    /// viewer is killed).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// With --record: start a new file (NAME-000.mp4, NAME-001.mp4, ...) every SECS.
+    #[arg(long, value_name = "SECS")]
+    segment: Option<u64>,
     /// Stop after this many frames.
     #[arg(long)]
     frames: Option<u64>,
@@ -227,6 +234,8 @@ fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
         _ => RelayMode::Auto,
     };
     config.max_frames = cli.frames;
+    config.record = cli.record;
+    config.record_segment_secs = cli.segment;
     config.duration = cli.duration.map(|d| secs("duration", d)).transpose()?;
     config.connect_timeout = secs("connect-timeout", cli.connect_timeout)?;
     config.progress = !cli.json && !cli.quiet;

@@ -188,7 +188,10 @@ async fn main_loop(
         }
     };
     tokio::pin!(stop);
-    let _ = info;
+    let mut recorder = config
+        .record
+        .as_ref()
+        .map(|path| crate::mp4::Recorder::new(path, info.clone(), config.record_segment_secs));
     let ended = loop {
         tokio::select! {
             _ = cancel.cancelled() => break "interrupted".to_string(),
@@ -205,6 +208,11 @@ async fn main_loop(
                     }
                     if let Err(e) = write_frame(sink, &data).await {
                         break format!("output closed: {e}");
+                    }
+                    if let Some(r) = recorder.as_mut() {
+                        if let Err(e) = r.push(header.pts, header.is_keyframe(), &data) {
+                            break format!("recording failed: {e}");
+                        }
                     }
                     if stats.ttff.is_none() {
                         stats.ttff = Some(started.elapsed());
@@ -224,6 +232,11 @@ async fn main_loop(
             }
         }
     };
+    if let Some(r) = recorder.as_mut() {
+        if let Err(e) = r.flush() {
+            tracing::error!(error = %e, "could not write the last part of the recording");
+        }
+    }
     if config.progress {
         progress(link, &stats, offset, last);
     }

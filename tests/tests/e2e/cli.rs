@@ -572,3 +572,155 @@ fn camera_status_shows_registration_viewers_and_warnings() {
     );
     assert_eq!(report["registered"], true);
 }
+
+/// Frames ffprobe decodes from a container file.
+fn ffprobe_mp4_frames(path: &Path) -> u64 {
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
+        .args(["-show_entries", "stream=nb_read_frames", "-of", "csv=p=0"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    assert!(
+        out.status.success(),
+        "ffprobe rejects {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a frame count")
+}
+
+#[test]
+fn recording_survives_kill_9_and_rotates_into_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (ca, ca_key) = (d.join("ca.pem"), d.join("ca.key"));
+    assert!(run("certs", &["ca", "--out", s(d)]).status.success());
+    for (role, id, extra) in [
+        ("rendezvous", "rdv-1", vec!["--ip", "127.0.0.1"]),
+        ("camera", "cam-1", vec![]),
+        ("viewer", "alice", vec![]),
+    ] {
+        let mut args = vec![
+            "issue",
+            "--ca",
+            s(&ca),
+            "--ca-key",
+            s(&ca_key),
+            "--role",
+            role,
+            "--id",
+            id,
+            "--out",
+            s(d),
+        ];
+        args.extend(extra);
+        assert!(run("certs", &args).status.success());
+    }
+    let rdv_addr = format!("127.0.0.1:{}", free_udp_port());
+    let (_rdv, rdv_log) = spawn(
+        "rendezvous",
+        &[
+            "--listen",
+            &rdv_addr,
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&d.join("rendezvous-rdv-1.pem")),
+            "--key",
+            s(&d.join("rendezvous-rdv-1.key")),
+        ],
+    );
+    wait_for_line(&rdv_log, "rendezvous listening", 10);
+    let sample = sample_path();
+    let (cert, key) = (d.join("camera-cam-1.pem"), d.join("camera-cam-1.key"));
+    let (_cam, cam_log) = spawn(
+        "camera-agent",
+        &[
+            "--rendezvous",
+            &rdv_addr,
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&cert),
+            "--key",
+            s(&key),
+            "--allow",
+            "alice",
+            "--source",
+            s(&sample),
+            "--bind",
+            "127.0.0.1:0",
+            "--status-socket",
+            s(&d.join("c.sock")),
+        ],
+    );
+    wait_for_line(&cam_log, "registered", 10);
+    let viewer = |extra: &[&str]| {
+        let mut c = Command::new(binary("viewer"));
+        c.args([
+            "--rendezvous",
+            &rdv_addr,
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&d.join("viewer-alice.pem")),
+        ])
+        .args([
+            "--key",
+            s(&d.join("viewer-alice.key")),
+            "--bind",
+            "127.0.0.1:0",
+            "cam-1",
+            "--quiet",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        c
+    };
+    // A clean recording has every frame, with the stream's frame rate.
+    let clean = d.join("clean.mp4");
+    assert!(viewer(&["--frames", "60", "--record", s(&clean)])
+        .status()
+        .expect("runs")
+        .success());
+    assert_eq!(ffprobe_mp4_frames(&clean), 60);
+    // kill -9 in the middle: the file still plays up to its last complete GOP.
+    let crashed = d.join("crashed.mp4");
+    let mut child = viewer(&["--record", s(&crashed)]).spawn().expect("viewer");
+    std::thread::sleep(Duration::from_millis(3500));
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let frames = ffprobe_mp4_frames(&crashed);
+    assert!(
+        frames >= 50,
+        "only {frames} frames survived 3.5 s of recording"
+    );
+    assert_eq!(frames % 25, 0, "whole GOPs only: {frames}");
+    let decode = Command::new("ffmpeg")
+        .args(["-v", "error", "-i", s(&crashed), "-f", "null", "-"])
+        .output()
+        .expect("ffmpeg");
+    assert!(
+        decode.status.success() && decode.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&decode.stderr)
+    );
+    // Rotation: a new file every second.
+    let rotated = d.join("seg.mp4");
+    assert!(
+        viewer(&["--frames", "100", "--record", s(&rotated), "--segment", "1"])
+            .status()
+            .expect("runs")
+            .success()
+    );
+    let mut total = 0;
+    for i in 0..3 {
+        total += ffprobe_mp4_frames(&d.join(format!("seg-{i:03}.mp4")));
+    }
+    assert!(total >= 75, "segments hold {total} frames");
+}
