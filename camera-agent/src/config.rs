@@ -210,6 +210,14 @@ pub fn parse_source(s: &str, looped: bool, fps: Option<f64>) -> Result<SourceSpe
         }
         return Ok(SourceSpec::Exec(command.to_string()));
     }
+    if s.starts_with("rtsp://") {
+        crate::rtsp::parse(s).map_err(|e| ConfigError::Bad {
+            setting: "source",
+            value: crate::rtsp::redact(s),
+            why: e.to_string(),
+        })?;
+        return Ok(SourceSpec::Rtsp(s.to_string()));
+    }
     match s {
         "stdin" | "-" => Ok(SourceSpec::Stdin),
         _ if s.contains("://") => Err(ConfigError::Bad {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod fanout;
 pub mod punch;
 mod rdv_client;
+mod rtsp;
 mod serve;
 pub mod source;
 pub mod status;

@@ -23,7 +23,7 @@ pub const TIMESCALE: u32 = 90_000;
 pub const DEFAULT_FPS: f64 = 25.0;
 
 /// Where the video comes from.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum SourceSpec {
     /// An Annex B H.264 file, sent at its frame rate.
     File {
@@ -36,10 +36,30 @@ pub enum SourceSpec {
     },
     /// Annex B H.264 on standard input, sent as it arrives.
     Stdin,
+    /// A camera's own RTSP server (`rtsp://[user:pass@]host[:port]/path`): H.264 over
+    /// RTP/TCP, reconnected with backoff when the server goes away.
+    Rtsp(String),
     /// A command (run with `sh -c`) writing Annex B H.264 to its stdout, such as
     /// `libcamera-vid -t 0 --inline -o -` or `ffmpeg ... -f h264 -`; restarted with
     /// backoff whenever it exits.
     Exec(String),
+}
+
+// Manual, so that an RTSP password never reaches a log through `{:?}`.
+impl std::fmt::Debug for SourceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceSpec::File { path, looped, fps } => f
+                .debug_struct("File")
+                .field("path", path)
+                .field("looped", looped)
+                .field("fps", fps)
+                .finish(),
+            SourceSpec::Stdin => f.write_str("Stdin"),
+            SourceSpec::Rtsp(url) => write!(f, "Rtsp({})", crate::rtsp::redact(url)),
+            SourceSpec::Exec(command) => write!(f, "Exec({command:?})"),
+        }
+    }
 }
 
 /// Why a source stopped.
@@ -52,6 +72,14 @@ pub enum SourceError {
         path: String,
         /// Cause.
         source: std::io::Error,
+    },
+    /// The RTSP URL is not usable.
+    #[error("bad RTSP source {url}: {why}")]
+    Rtsp {
+        /// The URL, without credentials.
+        url: String,
+        /// What is wrong.
+        why: String,
     },
     /// The bytes are not usable H.264.
     #[error("video source {path} is not usable H.264 Annex B: {source}")]
@@ -89,7 +117,7 @@ impl Framer {
     }
 
     /// Publishes one access unit with `pts`; returns false if it was dropped.
-    fn publish(&mut self, au: AccessUnit, pts: u64) -> bool {
+    pub(crate) fn publish(&mut self, au: AccessUnit, pts: u64) -> bool {
         if au.has_parameter_sets {
             match h264::stream_params(&au) {
                 Ok(p) => {
@@ -146,6 +174,10 @@ pub async fn run(
                 _ = cancel.cancelled() => Ok(()),
             }
         }
+        SourceSpec::Rtsp(url) => tokio::select! {
+            r = crate::rtsp::run(&url, Framer::new(fanout, None)) => r,
+            _ = cancel.cancelled() => Ok(()),
+        },
         SourceSpec::Exec(command) => tokio::select! {
             r = run_exec(&command, fanout) => r,
             _ = cancel.cancelled() => Ok(()),

@@ -12,11 +12,16 @@ mod connect;
 pub mod mp4;
 mod receive;
 pub mod stats;
+#[cfg(feature = "window")]
+pub mod window;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use peercam_common::media::FrameHeader;
 use peercam_common::net::RendezvousAddr;
 use peercam_common::rdv::Refusal;
 use peercam_common::tls::{Credentials, Trust};
@@ -79,6 +84,31 @@ pub struct Config {
     pub record: Option<PathBuf>,
     /// Start a new recording file every this many seconds.
     pub record_segment_secs: Option<u64>,
+    /// Called with every frame written to the sink (for the live window).
+    pub frame_hook: Option<FrameHook>,
+}
+
+/// A frame as handed to a [`FrameHook`].
+#[derive(Debug, Clone, Copy)]
+pub struct FrameSeen<'a> {
+    /// Its header (keyframe flag, capture time).
+    pub header: &'a FrameHeader,
+    /// One access unit, Annex B.
+    pub data: &'a Bytes,
+    /// How the camera is reached.
+    pub path: Path,
+    /// Capture to receive, clock offset corrected; `None` for frames from the GOP cache.
+    pub latency: Option<Duration>,
+}
+
+/// Called on the receive task with every frame written to the sink: it must not block.
+#[derive(Clone)]
+pub struct FrameHook(pub Arc<dyn Fn(&FrameSeen<'_>) + Send + Sync>);
+
+impl std::fmt::Debug for FrameHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameHook(..)")
+    }
 }
 
 impl Config {
@@ -104,6 +134,7 @@ impl Config {
             relay: RelayMode::Auto,
             record: None,
             record_segment_secs: None,
+            frame_hook: None,
         }
     }
 }

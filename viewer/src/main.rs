@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use peercam_common::CameraId;
 use peercam_viewer::config::FileConfig;
-use peercam_viewer::{RelayMode, Sink};
+use peercam_viewer::{RelayMode, Sink, Summary, ViewError};
 use tokio_util::sync::CancellationToken;
 
 /// peercam viewer: finds a camera through the rendezvous, connects to it directly and
@@ -74,6 +74,10 @@ struct Cli {
     /// Seconds allowed for reaching the rendezvous and the camera.
     #[arg(long, default_value_t = 5.0)]
     connect_timeout: f64,
+    /// Show the video in a desktop window (its title shows the path and the latency);
+    /// closing the window stops the viewer. Combines with -o and --record.
+    #[arg(long)]
+    window: bool,
 }
 
 #[derive(clap::Subcommand)]
@@ -179,7 +183,8 @@ fn main() -> ExitCode {
         tracing_subscriber::EnvFilter::new(if cli.json || cli.quiet {
             "error"
         } else {
-            "warn,progress=info"
+            // winit warns about what a bare X server lacks (XSETTINGS, screen size).
+            "warn,progress=info,winit=error"
         })
     });
     tracing_subscriber::fmt()
@@ -204,6 +209,10 @@ fn secs(what: &str, s: f64) -> Result<Duration, (u8, String)> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
+    #[cfg(not(feature = "window"))]
+    if cli.window {
+        return Err((1, NO_WINDOW.into()));
+    }
     let mut file = match &cli.config {
         Some(path) => FileConfig::load(path).map_err(|e| (1, format!("{e:#}")))?,
         None => FileConfig::default(),
@@ -239,19 +248,11 @@ fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
     config.duration = cli.duration.map(|d| secs("duration", d)).transpose()?;
     config.connect_timeout = secs("connect-timeout", cli.connect_timeout)?;
     config.progress = !cli.json && !cli.quiet;
-    let runtime = tokio::runtime::Runtime::new()
-        .map_err(|e| (1, format!("cannot start the async runtime: {e}")))?;
-    let summary = runtime.block_on(async {
-        let cancel = CancellationToken::new();
-        let on_signal = cancel.clone();
-        let signals = tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            on_signal.cancel();
-        });
-        let result = peercam_viewer::watch(config, cancel).await;
-        signals.abort();
-        result
-    });
+    let summary = if cli.window {
+        watch_in_window(config)?
+    } else {
+        watch(config, CancellationToken::new())?
+    };
     let summary = summary.map_err(|e| (e.exit_code(), e.to_string()))?;
     if cli.json {
         let line = serde_json::to_string(&summary).map_err(|e| (1, e.to_string()))?;
@@ -277,6 +278,69 @@ fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Watches on a new runtime until done, `cancel` or Ctrl-C.
+fn watch(
+    config: peercam_viewer::Config,
+    cancel: CancellationToken,
+) -> Result<Result<Summary, ViewError>, (u8, String)> {
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| (1, format!("cannot start the async runtime: {e}")))?;
+    Ok(runtime.block_on(async {
+        let on_signal = cancel.clone();
+        let signals = tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            on_signal.cancel();
+        });
+        let result = peercam_viewer::watch(config, cancel).await;
+        signals.abort();
+        result
+    }))
+}
+
+/// `--window`: the window's event loop runs on this (main) thread, as winit requires; the
+/// watch runs on its own thread. Closing the window cancels the watch; the end of the
+/// watch closes the window.
+#[cfg(feature = "window")]
+fn watch_in_window(
+    mut config: peercam_viewer::Config,
+) -> Result<Result<Summary, ViewError>, (u8, String)> {
+    use peercam_viewer::window::{run_window, VideoWindow};
+    let window = VideoWindow::open(format!("peercam: {} | connecting", config.camera))
+        .map_err(|e| (1, e.to_string()))?;
+    let handle = window.handle();
+    config.frame_hook = Some(handle.frame_hook(&config.camera));
+    let cancel = CancellationToken::new();
+    let watch_cancel = cancel.clone();
+    let watcher = std::thread::Builder::new()
+        .name("watch".into())
+        .spawn(move || {
+            let result = watch(config, watch_cancel);
+            handle.close();
+            result
+        })
+        .map_err(|e| (1, format!("cannot start the viewing thread: {e}")))?;
+    let shown = run_window(window, cancel.clone());
+    cancel.cancel();
+    let result = watcher
+        .join()
+        .map_err(|_| (1, "the viewing thread panicked".to_string()))?;
+    shown.map_err(|e| (1, e.to_string()))?;
+    result
+}
+
+/// What `--window` says when the binary was built without the `window` feature.
+#[cfg(not(feature = "window"))]
+const NO_WINDOW: &str = "--window is not available: this viewer was built without the `window` \
+    feature (cargo build -p peercam-viewer --features window adds it); meanwhile use \
+    -o - | ffplay -f h264 -";
+
+#[cfg(not(feature = "window"))]
+fn watch_in_window(
+    _config: peercam_viewer::Config,
+) -> Result<Result<Summary, ViewError>, (u8, String)> {
+    Err((1, NO_WINDOW.into()))
 }
 
 fn netcheck(json: bool, common: Common) -> Result<ExitCode, (u8, String)> {

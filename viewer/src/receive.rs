@@ -209,6 +209,14 @@ async fn main_loop(
                     if let Err(e) = write_frame(sink, &data).await {
                         break format!("output closed: {e}");
                     }
+                    if let Some(hook) = &config.frame_hook {
+                        let skew = offset_now(offset).offset_us();
+                        let behind = recv_us as i64 - header.capture_us as i64 + skew;
+                        let latency = (!header.is_cached())
+                            .then(|| Duration::from_micros(behind.max(0) as u64));
+                        let path = link.path;
+                        (hook.0)(&crate::FrameSeen { header: &header, data: &data, path, latency });
+                    }
                     if let Some(r) = recorder.as_mut() {
                         if let Err(e) = r.push(header.pts, header.is_keyframe(), &data) {
                             break format!("recording failed: {e}");

@@ -11,3 +11,4 @@ mod relay;
 mod security;
 mod sources;
 mod streaming;
+mod window;
