@@ -224,11 +224,16 @@ async fn main_loop(
                     }
                     if stats.ttff.is_none() {
                         stats.ttff = Some(started.elapsed());
-                        let to = match &config.sink {
+                        let mut to = match &config.sink {
                             Sink::File(p) => format!("writing to {}", p.display()),
                             Sink::Stdout => "writing to stdout".into(),
-                            Sink::Discard => "not saving it (use -o FILE or -o -)".into(),
+                            Sink::Discard if config.record.is_some() => String::new(),
+                            Sink::Discard => "not saving it (use -o FILE, -o - or --record FILE.mp4)".into(),
                         };
+                        if let Some(r) = &config.record {
+                            let sep = if to.is_empty() { "" } else { "; " };
+                            to = format!("{to}{sep}recording to {} (one fragment per GOP)", r.display());
+                        }
                         info!(target: "progress", "first frame after {:.0} ms; {to}", started.elapsed().as_secs_f64() * 1000.0);
                     }
                     stats.frame(data.len(), recv_us, header.capture_us, header.is_cached());

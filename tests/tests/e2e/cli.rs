@@ -192,7 +192,8 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
 
     // On a terminal (no --json) the viewer says what it is doing.
     let mut args = viewer_args("cam-1");
-    args.extend(["--frames", "10", "-o", s(&out_file)].map(String::from));
+    let mp4 = d.join("progress.mp4");
+    args.extend(["--frames", "10", "-o", s(&out_file), "--record", s(&mp4)].map(String::from));
     let out = Command::new(binary("viewer"))
         .args(&args)
         .output()
@@ -205,6 +206,7 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
         "waiting for the first keyframe",
         "first frame after",
         "writing to",
+        "recording to",
     ] {
         assert!(said.contains(step), "progress lacks {step:?}: {said}");
     }
