@@ -246,6 +246,40 @@ fn binaries_stream_end_to_end_from_their_command_lines() {
         .expect("ffmpeg reports decoded frames");
     assert_eq!(decoded, 40, "ffmpeg decoded {decoded} frames from the pipe");
 
+    // The same into mpv: `viewer ... -o - | mpv -`, which writes the frames it decodes.
+    let shots = d.join("mpv");
+    let mut args = viewer_args("cam-1");
+    args.extend(["--frames", "60", "--quiet", "-o", "-"].map(String::from));
+    let mut viewer = Command::new(binary("viewer"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("viewer runs");
+    let mpv = Command::new("mpv")
+        .args([
+            "--no-config",
+            "--really-quiet",
+            "--ao=null",
+            "--vo=image",
+            "--vo-image-format=png",
+        ])
+        .arg(format!("--vo-image-outdir={}", s(&shots)))
+        .args(["--frames=10", "-"])
+        .stdin(viewer.stdout.take().expect("stdout"))
+        .output()
+        .expect("mpv runs (install mpv)");
+    let _ = viewer.wait();
+    assert!(
+        mpv.status.success(),
+        "mpv failed: {}",
+        String::from_utf8_lossy(&mpv.stderr)
+    );
+    let pictures = std::fs::read_dir(&shots).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(
+        pictures, 10,
+        "mpv decoded {pictures} pictures from the pipe"
+    );
+
     // Unknown camera: exit status 2 and a sentence saying what to do.
     let out = Command::new(binary("viewer"))
         .args(viewer_args("cam-404"))
