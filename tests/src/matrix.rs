@@ -157,9 +157,9 @@ fn spawn_logged(mut cmd: std::process::Command) -> Result<(Proc, mpsc::Receiver<
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            // Keep draining even when nobody listens any more: a closed pipe would make
+            // the child's next log line fail (and end it).
+            let _ = tx.send(line);
         }
     });
     Ok((Proc(child), rx))

@@ -42,9 +42,9 @@ fn spawn(bin: &str, args: &[&str]) -> (Proc, mpsc::Receiver<String>) {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            // Keep draining even when nobody listens any more: a closed pipe would make
+            // the child's next log line fail (and end it).
+            let _ = tx.send(line);
         }
     });
     (Proc(child), rx)
@@ -478,78 +478,138 @@ fn setup_from_init_to_watching_and_access_reload_without_restart() {
     assert_eq!(summary["frames"], 10);
 }
 
-#[test]
-fn camera_status_shows_registration_viewers_and_warnings() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let (ca, ca_key) = (d.join("ca.pem"), d.join("ca.key"));
-    assert!(run("certs", &["ca", "--out", s(d)]).status.success());
-    for (role, id, extra) in [
-        ("rendezvous", "rdv-1", vec!["--ip", "127.0.0.1"]),
-        ("camera", "cam-1", vec!["--days", "10"]),
-        ("viewer", "alice", vec![]),
-    ] {
-        let mut args = vec![
-            "issue",
-            "--ca",
-            s(&ca),
-            "--ca-key",
-            s(&ca_key),
-            "--role",
-            role,
-            "--id",
-            id,
-            "--out",
-            s(d),
-        ];
-        args.extend(extra);
-        assert!(run("certs", &args).status.success());
-    }
-    let socket = d.join("camera.sock");
-    // No agent yet: a clear sentence.
-    let out = run("camera-agent", &["status", "--socket", s(&socket)]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is camera-agent running"));
+/// A deployment made with the real `certs` binary (CA, rendezvous rdv-1, camera cam-1,
+/// viewer alice) and a running `rendezvous`, for the CLI tests that need a camera.
+struct Deployment {
+    dir: tempfile::TempDir,
+    rdv_addr: String,
+    _rdv: Proc,
+    // Kept so the rendezvous' stderr stays open (a closed pipe would end it).
+    _rdv_log: mpsc::Receiver<String>,
+}
 
-    let rdv_addr = format!("127.0.0.1:{}", free_udp_port());
-    let (_rdv, rdv_log) = spawn(
-        "rendezvous",
-        &[
-            "--listen",
-            &rdv_addr,
-            "--ca",
-            s(&ca),
-            "--cert",
-            s(&d.join("rendezvous-rdv-1.pem")),
-            "--key",
-            s(&d.join("rendezvous-rdv-1.key")),
-        ],
-    );
-    wait_for_line(&rdv_log, "rendezvous listening", 10);
-    let sample = sample_path();
-    let (cert, key) = (d.join("camera-cam-1.pem"), d.join("camera-cam-1.key"));
-    let (_cam, cam_log) = spawn(
-        "camera-agent",
-        &[
+impl Deployment {
+    /// `camera_days`: lifetime of the camera's certificate (default: certs' default).
+    fn new(camera_days: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        assert!(run("certs", &["ca", "--out", s(d)]).status.success());
+        let (ca, ca_key) = (d.join("ca.pem"), d.join("ca.key"));
+        let camera_extra: Vec<&str> = camera_days.map(|n| vec!["--days", n]).unwrap_or_default();
+        for (role, id, extra) in [
+            ("rendezvous", "rdv-1", vec!["--ip", "127.0.0.1"]),
+            ("camera", "cam-1", camera_extra),
+            ("viewer", "alice", vec![]),
+        ] {
+            let mut args = vec![
+                "issue",
+                "--ca",
+                s(&ca),
+                "--ca-key",
+                s(&ca_key),
+                "--role",
+                role,
+                "--id",
+                id,
+                "--out",
+                s(d),
+            ];
+            args.extend(extra);
+            assert!(run("certs", &args).status.success());
+        }
+        let rdv_addr = format!("127.0.0.1:{}", free_udp_port());
+        let (rdv, log) = spawn(
+            "rendezvous",
+            &[
+                "--listen",
+                &rdv_addr,
+                "--ca",
+                s(&ca),
+                "--cert",
+                s(&d.join("rendezvous-rdv-1.pem")),
+                "--key",
+                s(&d.join("rendezvous-rdv-1.key")),
+            ],
+        );
+        wait_for_line(&log, "rendezvous listening", 10);
+        Deployment {
+            dir,
+            rdv_addr,
+            _rdv: rdv,
+            _rdv_log: log,
+        }
+    }
+
+    fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Starts camera-agent for cam-1 (allowing alice, streaming the sample clip) with
+    /// `extra` flags, and waits until it is registered.
+    fn start_camera(&self, extra: &[&str]) -> (Proc, mpsc::Receiver<String>) {
+        let (ca, cert, key, sample) = (
+            self.path("ca.pem"),
+            self.path("camera-cam-1.pem"),
+            self.path("camera-cam-1.key"),
+            sample_path(),
+        );
+        let mut args = vec![
             "--rendezvous",
-            &rdv_addr,
+            &self.rdv_addr,
             "--ca",
             s(&ca),
             "--cert",
             s(&cert),
             "--key",
             s(&key),
+        ];
+        args.extend([
             "--allow",
             "alice",
             "--source",
             s(&sample),
             "--bind",
             "127.0.0.1:0",
-            "--status-socket",
-            s(&socket),
-        ],
-    );
-    wait_for_line(&cam_log, "registered", 10);
+        ]);
+        args.extend(extra);
+        let (cam, log) = spawn("camera-agent", &args);
+        wait_for_line(&log, "registered", 10);
+        (cam, log)
+    }
+
+    /// A viewer command for alice watching cam-1, quiet, with `extra` flags.
+    fn viewer(&self, extra: &[&str]) -> Command {
+        let mut c = Command::new(binary("viewer"));
+        c.args([
+            "--rendezvous",
+            &self.rdv_addr,
+            "--ca",
+            s(&self.path("ca.pem")),
+        ])
+        .args([
+            "--cert",
+            s(&self.path("viewer-alice.pem")),
+            "--key",
+            s(&self.path("viewer-alice.key")),
+        ])
+        .args(["--bind", "127.0.0.1:0", "cam-1", "--quiet"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        c
+    }
+}
+
+#[test]
+fn camera_status_shows_registration_viewers_and_warnings() {
+    let dep = Deployment::new(Some("10"));
+    let socket = dep.path("camera.sock");
+    // No agent yet: a clear sentence.
+    let out = run("camera-agent", &["status", "--socket", s(&socket)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is camera-agent running"));
+
+    let (_cam, _log) = dep.start_camera(&["--status-socket", s(&socket)]);
     let out = run("camera-agent", &["status", "--socket", s(&socket)]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -567,29 +627,7 @@ fn camera_status_shows_registration_viewers_and_warnings() {
     );
     assert!(text.contains("viewers:      0"), "{text}");
 
-    let mut viewer = Command::new(binary("viewer"))
-        .args([
-            "--rendezvous",
-            &rdv_addr,
-            "--ca",
-            s(&ca),
-            "--cert",
-            s(&d.join("viewer-alice.pem")),
-        ])
-        .args([
-            "--key",
-            s(&d.join("viewer-alice.key")),
-            "--bind",
-            "127.0.0.1:0",
-            "cam-1",
-            "--duration",
-            "4",
-            "--quiet",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("viewer");
+    let mut viewer = dep.viewer(&["--duration", "4"]).spawn().expect("viewer");
     std::thread::sleep(Duration::from_millis(2000));
     let out = run(
         "camera-agent",
@@ -631,93 +669,11 @@ fn ffprobe_mp4_frames(path: &Path) -> u64 {
 
 #[test]
 fn recording_survives_kill_9_and_rotates_into_segments() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let (ca, ca_key) = (d.join("ca.pem"), d.join("ca.key"));
-    assert!(run("certs", &["ca", "--out", s(d)]).status.success());
-    for (role, id, extra) in [
-        ("rendezvous", "rdv-1", vec!["--ip", "127.0.0.1"]),
-        ("camera", "cam-1", vec![]),
-        ("viewer", "alice", vec![]),
-    ] {
-        let mut args = vec![
-            "issue",
-            "--ca",
-            s(&ca),
-            "--ca-key",
-            s(&ca_key),
-            "--role",
-            role,
-            "--id",
-            id,
-            "--out",
-            s(d),
-        ];
-        args.extend(extra);
-        assert!(run("certs", &args).status.success());
-    }
-    let rdv_addr = format!("127.0.0.1:{}", free_udp_port());
-    let (_rdv, rdv_log) = spawn(
-        "rendezvous",
-        &[
-            "--listen",
-            &rdv_addr,
-            "--ca",
-            s(&ca),
-            "--cert",
-            s(&d.join("rendezvous-rdv-1.pem")),
-            "--key",
-            s(&d.join("rendezvous-rdv-1.key")),
-        ],
-    );
-    wait_for_line(&rdv_log, "rendezvous listening", 10);
-    let sample = sample_path();
-    let (cert, key) = (d.join("camera-cam-1.pem"), d.join("camera-cam-1.key"));
-    let (_cam, cam_log) = spawn(
-        "camera-agent",
-        &[
-            "--rendezvous",
-            &rdv_addr,
-            "--ca",
-            s(&ca),
-            "--cert",
-            s(&cert),
-            "--key",
-            s(&key),
-            "--allow",
-            "alice",
-            "--source",
-            s(&sample),
-            "--bind",
-            "127.0.0.1:0",
-            "--status-socket",
-            s(&d.join("c.sock")),
-        ],
-    );
-    wait_for_line(&cam_log, "registered", 10);
-    let viewer = |extra: &[&str]| {
-        let mut c = Command::new(binary("viewer"));
-        c.args([
-            "--rendezvous",
-            &rdv_addr,
-            "--ca",
-            s(&ca),
-            "--cert",
-            s(&d.join("viewer-alice.pem")),
-        ])
-        .args([
-            "--key",
-            s(&d.join("viewer-alice.key")),
-            "--bind",
-            "127.0.0.1:0",
-            "cam-1",
-            "--quiet",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        c
-    };
+    let dep = Deployment::new(None);
+    let socket = dep.path("c.sock");
+    let (_cam, _log) = dep.start_camera(&["--status-socket", s(&socket)]);
+    let viewer = |extra: &[&str]| dep.viewer(extra);
+    let d = dep.dir.path();
     // A clean recording has every frame, with the stream's frame rate.
     let clean = d.join("clean.mp4");
     assert!(viewer(&["--frames", "60", "--record", s(&clean)])
