@@ -43,6 +43,9 @@ pub struct FileConfig {
     /// Second UDP address for netcheck (default: the listen port + 1; "off" is not a
     /// value: set `probe = false` to disable).
     pub probe_listen: Option<SocketAddr>,
+    /// TCP address for `/metrics`, `/livez`, `/readyz` (default off; keep it private,
+    /// e.g. "127.0.0.1:9400").
+    pub admin_listen: Option<SocketAddr>,
     /// Answer netcheck on a second port (default true).
     pub probe: Option<bool>,
     /// Offer a relay when no direct path works (default true).
@@ -138,6 +141,7 @@ impl FileConfig {
                 Some(SocketAddr::new(listen.ip(), port))
             });
         }
+        limits.admin_listen = self.admin_listen;
         if let Some(n) = self.retry_threshold {
             limits.retry_threshold = n;
         }

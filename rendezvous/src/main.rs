@@ -27,6 +27,9 @@ struct Cli {
     /// Its private key.
     #[arg(long, env = "PEERCAM_RDV_KEY")]
     key: Option<PathBuf>,
+    /// TCP address for /metrics, /livez and /readyz (keep it private).
+    #[arg(long, env = "PEERCAM_RDV_ADMIN")]
+    admin_listen: Option<std::net::SocketAddr>,
     /// Do not offer a relay.
     #[arg(long)]
     no_relay: bool,
@@ -69,6 +72,7 @@ fn run(cli: Cli) -> Result<()> {
     file.ca = cli.ca.or(file.ca);
     file.cert = cli.cert.or(file.cert);
     file.key = cli.key.or(file.key);
+    file.admin_listen = cli.admin_listen.or(file.admin_listen);
     if cli.no_relay {
         file.relay = Some(false);
     }

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::admin::{self, Metrics};
 use crate::registry::{ConnId, Online, RegisterError, Registry, RegistryLimits};
 use crate::relay::{Allocation, Peers, Relay, RelayLimits};
 
@@ -52,6 +53,8 @@ pub struct Limits {
     /// Second UDP address on which the rendezvous also answers, so that clients can tell
     /// whether their NAT's mapping depends on the destination (netcheck). `None`: none.
     pub probe_listen: Option<SocketAddr>,
+    /// TCP address of the admin listener (`/metrics`, `/livez`, `/readyz`); `None`: off.
+    pub admin_listen: Option<SocketAddr>,
     /// Relay limits; `None` disables the relay.
     pub relay: Option<RelayLimits>,
     /// Address the relay advertises, when the listen address is not the public one (a
@@ -70,6 +73,7 @@ impl Default for Limits {
             drain: Duration::from_secs(2),
             retry_threshold: 64,
             probe_listen: None,
+            admin_listen: None,
             relay: Some(RelayLimits::default()),
             relay_public_ip: None,
         }
@@ -110,6 +114,7 @@ pub enum StartError {
 pub struct Handle {
     local_addr: SocketAddr,
     probe_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
@@ -119,6 +124,11 @@ impl Handle {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The second (netcheck) address, if any.
@@ -171,6 +181,7 @@ struct Shared {
     pending: Mutex<HashMap<SessionId, Pending>>,
     next_conn: AtomicU64,
     handshaking: AtomicUsize,
+    metrics: Metrics,
     limits: Limits,
 }
 
@@ -189,6 +200,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         lock(&self.registry)
+    }
+
+    fn gauges(&self) -> admin::Gauges {
+        let relay = self.relay.as_ref();
+        admin::Gauges {
+            cameras: self.registry().online_count(),
+            relay_active: relay.map_or(0, Relay::active),
+            relay_sessions: relay.map_or(0, |r| r.stats.sessions.load(Ordering::Relaxed)),
+            relay_bytes: relay.map_or(0, |r| r.stats.bytes.load(Ordering::Relaxed)),
+        }
     }
 }
 
@@ -237,19 +258,43 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         pending: Mutex::default(),
         next_conn: AtomicU64::new(1),
         handshaking: AtomicUsize::new(0),
+        metrics: Metrics::default(),
         limits: config.limits,
     });
     let cancel = CancellationToken::new();
+    let admin = match shared.limits.admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_loop = admin.map(|listener| {
+        let (for_scrape, for_ready) = (shared.clone(), cancel.clone());
+        admin::serve(
+            listener,
+            move || admin::render(&for_scrape.metrics, for_scrape.gauges()),
+            move || !for_ready.is_cancelled(),
+            cancel.clone(),
+        )
+    });
     let main_loop = accept_loop(endpoint, shared.clone(), cancel.clone());
     let probe_loop = probe.map(|ep| accept_loop(ep, shared.clone(), cancel.clone()));
     let task = tokio::spawn(
         async move {
-            match probe_loop {
-                Some(probe_loop) => {
-                    tokio::join!(main_loop, probe_loop);
+            let probe = async {
+                if let Some(p) = probe_loop {
+                    p.await
                 }
-                None => main_loop.await,
-            }
+            };
+            let admin = async {
+                if let Some(a) = admin_loop {
+                    a.await
+                }
+            };
+            tokio::join!(main_loop, probe, admin);
         }
         .instrument(info_span!("rendezvous", listen = %local_addr)),
     );
@@ -257,6 +302,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     Ok(Handle {
         local_addr,
         probe_addr,
+        admin_addr,
         cancel,
         task,
         shared,
@@ -320,10 +366,12 @@ async fn handle_incoming(
     let conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
+            Metrics::inc(&shared.metrics.handshake_failures);
             warn!(error = %e, "handshake failed");
             return;
         }
         Err(_) => {
+            Metrics::inc(&shared.metrics.handshake_failures);
             warn!("handshake timed out");
             return;
         }
@@ -411,6 +459,7 @@ async fn camera_session(
         }
         Ok(None) => {}
         Err(RegisterError::IdTaken) => {
+            Metrics::inc(&shared.metrics.registrations_id_taken);
             warn!(key = %peer.key, "refused: camera ID is held by another key");
             let _ = frame::write(
                 &mut send,
@@ -432,6 +481,7 @@ async fn camera_session(
             conn: conn.clone(),
         },
     );
+    Metrics::inc(&shared.metrics.registrations_ok);
     info!(%observed, "camera registered");
     let _ = tx.try_send(FromRendezvous::Registered { observed });
     // The writer owns the send half; introductions queue behind the bounded channel.
@@ -562,6 +612,15 @@ async fn introduce(
         Ok(online) => online,
         Err(reason) => {
             debug!(%camera, ?reason, "connect refused");
+            let m = &shared.metrics;
+            Metrics::inc(match reason {
+                Refusal::Offline { .. } => &m.connects_offline,
+                Refusal::RateLimited { .. } => &m.connects_rate_limited,
+                Refusal::Timeout => &m.connects_timeout,
+                Refusal::Unavailable | Refusal::Declined | Refusal::BadRequest => {
+                    &m.connects_unavailable
+                }
+            });
             return FromRendezvous::Refused { reason };
         }
     };
@@ -605,6 +664,7 @@ async fn introduce(
     lock(&shared.pending).remove(&session);
     match outcome {
         Some(Answer::Accepted(camera_local)) => {
+            Metrics::inc(&shared.metrics.connects_ok);
             info!(%camera, %session, "introduced");
             FromRendezvous::PeerReady {
                 session,
@@ -616,10 +676,14 @@ async fn introduce(
         }
         // The rendezvous already checked the access list; a camera that still declines
         // gets the same answer as a forbidden one, so declines reveal nothing either.
-        Some(Answer::Declined) => FromRendezvous::Refused {
-            reason: Refusal::Unavailable,
-        },
+        Some(Answer::Declined) => {
+            Metrics::inc(&shared.metrics.connects_unavailable);
+            FromRendezvous::Refused {
+                reason: Refusal::Unavailable,
+            }
+        }
         None => {
+            Metrics::inc(&shared.metrics.connects_timeout);
             info!(%camera, %session, "camera did not answer the introduction");
             FromRendezvous::Refused {
                 reason: Refusal::Timeout,

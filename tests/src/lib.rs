@@ -141,6 +141,11 @@ pub fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
 
+/// Loopback TCP on any port.
+pub fn any_tcp() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
 /// The address a camera or viewer dials to reach `rdv`.
 pub fn rdv_addr(addr: SocketAddr) -> RendezvousAddr {
     RendezvousAddr {

@@ -6,6 +6,7 @@ mod access;
 mod cli;
 mod identity;
 mod nat;
+mod operations;
 mod recovery;
 mod relay;
 mod security;
