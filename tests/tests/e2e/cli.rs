@@ -716,3 +716,44 @@ fn recording_survives_kill_9_and_rotates_into_segments() {
     }
     assert!(total >= 75, "segments hold {total} frames");
 }
+
+#[test]
+fn rendezvous_sigterm_closes_with_a_code_and_cameras_come_back() {
+    let mut dep = Deployment::new(None);
+    let (_cam, cam_log) = dep.start_camera(&["--status-socket", s(&dep.path("c.sock"))]);
+    // SIGTERM: the rendezvous closes every connection with its shutdown code.
+    let pid = dep._rdv.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let status = dep._rdv.0.wait().expect("rendezvous exits");
+    assert!(status.success(), "rendezvous exit status {status}");
+    wait_for_line(&cam_log, "rendezvous shutting down", 10);
+    // A new rendezvous on the same address: the camera registers again by itself.
+    let (ca, cert, key) = (
+        dep.path("ca.pem"),
+        dep.path("rendezvous-rdv-1.pem"),
+        dep.path("rendezvous-rdv-1.key"),
+    );
+    let (rdv, log) = spawn(
+        "rendezvous",
+        &[
+            "--listen",
+            &dep.rdv_addr,
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&cert),
+            "--key",
+            s(&key),
+        ],
+    );
+    wait_for_line(&log, "rendezvous listening", 10);
+    wait_for_line(&cam_log, "registered", 15);
+    dep._rdv = rdv;
+    dep._rdv_log = log;
+    let out = dep.viewer(&["--frames", "5"]).output().expect("viewer");
+    assert!(out.status.success());
+}
