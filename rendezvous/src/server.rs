@@ -495,7 +495,11 @@ async fn camera_session(
     drop(tx);
     let reason = loop {
         let msg = tokio::select! {
-            _ = cancel.cancelled() => break "shutdown",
+            _ = cancel.cancelled() => {
+                // Close with our code before the stream ends, so the camera learns why.
+                close_conn(&conn, close::SHUTDOWN, "rendezvous shutting down");
+                break "shutdown";
+            }
             msg = frame::read_within::<ToRendezvous, _>(&mut recv, Some(shared.limits.frame_timeout)) => msg,
         };
         match msg {
@@ -577,7 +581,9 @@ async fn viewer_session(
     };
     loop {
         let msg = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                return close_conn(&conn, close::SHUTDOWN, "rendezvous shutting down");
+            }
             msg = frame::read_within::<ToRendezvous, _>(&mut recv, Some(shared.limits.frame_timeout)) => msg,
         };
         let reply = match msg {
