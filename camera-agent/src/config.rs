@@ -55,22 +55,9 @@ pub struct FileConfig {
 /// Errors in the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML or has unknown or mistyped settings.
-    #[error("bad config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What and where (line and column).
-        message: String,
-    },
+    /// The file could not be read or parsed.
+    #[error(transparent)]
+    File(#[from] peercam_common::config::FileError),
     /// A required setting is missing.
     #[error("no {0} given: set it in the config file or pass --{0}")]
     Missing(&'static str),
@@ -92,22 +79,16 @@ pub enum ConfigError {
 impl FileConfig {
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Ok(peercam_common::config::load(path)?)
     }
 
     /// Parses TOML text (`path` only names it in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        Ok(peercam_common::config::parse(text, path)?)
     }
 
-    /// Loads the camera's identity and its rendezvous list (enough for netcheck).
+    /// Loads the camera's identity (with the deny list) and its rendezvous list: enough
+    /// for netcheck, and the first half of [`FileConfig::resolve`].
     pub fn identity(&self) -> Result<(Credentials, Trust, Vec<RendezvousAddr>), ConfigError> {
         let ca = self.ca.as_ref().ok_or(ConfigError::Missing("ca"))?;
         let cert = self.cert.as_ref().ok_or(ConfigError::Missing("cert"))?;
@@ -120,9 +101,11 @@ impl FileConfig {
             .iter()
             .map(|r| parse_rendezvous(r))
             .collect::<Result<Vec<_>, _>>()?;
+        let trust = Trust::load(ca)?
+            .with_deny_list(DenyList::parse(&self.revoked_ids, &self.revoked_certs)?);
         Ok((
             Credentials::load(cert, key, Role::Camera)?,
-            Trust::load(ca)?,
+            trust,
             rendezvous,
         ))
     }
@@ -143,17 +126,7 @@ impl FileConfig {
 
     /// Loads certificates, resolves addresses, builds the runtime configuration.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
-        let ca = self.ca.as_ref().ok_or(ConfigError::Missing("ca"))?;
-        let cert = self.cert.as_ref().ok_or(ConfigError::Missing("cert"))?;
-        let key = self.key.as_ref().ok_or(ConfigError::Missing("key"))?;
-        if self.rendezvous.is_empty() {
-            return Err(ConfigError::Missing("rendezvous"));
-        }
-        let rendezvous = self
-            .rendezvous
-            .iter()
-            .map(|r| parse_rendezvous(r))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (credentials, trust, rendezvous) = self.identity()?;
         let source = parse_source(
             self.source
                 .as_deref()
@@ -161,13 +134,7 @@ impl FileConfig {
             self.looped.unwrap_or(true),
             self.fps,
         )?;
-        let mut config = Config::new(
-            Credentials::load(cert, key, Role::Camera)?,
-            Trust::load(ca)?
-                .with_deny_list(DenyList::parse(&self.revoked_ids, &self.revoked_certs)?),
-            rendezvous,
-            source,
-        );
+        let mut config = Config::new(credentials, trust, rendezvous, source);
         config.access = self.access_list()?;
         if let Some(bind) = self.bind {
             config.bind = bind;

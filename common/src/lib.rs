@@ -7,6 +7,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod backoff;
+pub mod config;
 pub mod frame;
 pub mod h264;
 pub mod ids;

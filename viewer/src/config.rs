@@ -31,22 +31,9 @@ pub struct FileConfig {
 /// Errors in the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML or has unknown or mistyped settings.
-    #[error("bad config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What and where (line and column).
-        message: String,
-    },
+    /// The file could not be read or parsed.
+    #[error(transparent)]
+    File(#[from] peercam_common::config::FileError),
     /// A required setting is missing.
     #[error("no {0} given: set it in the config file or pass --{0}")]
     Missing(&'static str),
@@ -61,14 +48,7 @@ pub enum ConfigError {
 impl FileConfig {
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        Ok(peercam_common::config::load(path)?)
     }
 
     /// Loads the identity and the rendezvous address.
