@@ -136,6 +136,22 @@ pub async fn start_rendezvous(pki: &Pki, addr: SocketAddr) -> peercam_rendezvous
         .expect("rendezvous starts")
 }
 
+/// Starts a rendezvous on any loopback port with `limits` as given.
+pub async fn start_rendezvous_with(
+    pki: &Pki,
+    limits: peercam_rendezvous::Limits,
+) -> peercam_rendezvous::Handle {
+    let config = peercam_rendezvous::Config {
+        listen: any_port(),
+        credentials: pki.creds(Role::Rendezvous, "rdv"),
+        trust: pki.trust(),
+        limits,
+    };
+    peercam_rendezvous::start(config)
+        .await
+        .expect("rendezvous starts")
+}
+
 /// Loopback on any port.
 pub fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")

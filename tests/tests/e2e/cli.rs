@@ -68,97 +68,18 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn binaries_stream_end_to_end_from_their_command_lines() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let ca = d.join("ca.pem");
-    let ca_key = d.join("ca.key");
-    assert!(run("certs", &["ca", "--out", s(d)]).status.success());
-    for (role, id, extra) in [
-        ("rendezvous", "rdv-1", vec!["--ip", "127.0.0.1"]),
-        ("camera", "cam-1", vec![]),
-        ("viewer", "alice", vec![]),
-    ] {
-        let mut args = vec![
-            "issue",
-            "--ca",
-            s(&ca),
-            "--ca-key",
-            s(&ca_key),
-            "--role",
-            role,
-            "--id",
-            id,
-            "--out",
-            s(d),
-        ];
-        args.extend(extra);
-        let out = run("certs", &args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let inspect = run("certs", &["inspect", s(&d.join("camera-cam-1.pem"))]);
+    let dep = Deployment::new(None);
+    let d = dep.dir.path();
+    let inspect = run("certs", &["inspect", s(&dep.path("camera-cam-1.pem"))]);
     let text = String::from_utf8_lossy(&inspect.stdout);
     assert!(
         text.contains("role:        camera") && text.contains("id:          cam-1"),
         "{text}"
     );
-
-    let port = free_udp_port();
-    let rdv_addr = format!("127.0.0.1:{port}");
-    let (_rdv, rdv_log) = spawn(
-        "rendezvous",
-        &[
-            "--listen",
-            &rdv_addr,
-            "--ca",
-            s(&ca),
-            "--cert",
-            s(&d.join("rendezvous-rdv-1.pem")),
-            "--key",
-            s(&d.join("rendezvous-rdv-1.key")),
-        ],
-    );
-    wait_for_line(&rdv_log, "rendezvous listening", 10);
-    let sample = sample_path();
-    let (cam_cert, cam_key) = (d.join("camera-cam-1.pem"), d.join("camera-cam-1.key"));
-    let cam_args = [
-        "--rendezvous",
-        &rdv_addr,
-        "--ca",
-        s(&ca),
-        "--cert",
-        s(&cam_cert),
-        "--key",
-        s(&cam_key),
-        "--allow",
-        "alice",
-        "--source",
-        s(&sample),
-        "--bind",
-        "127.0.0.1:0",
-    ];
-    let (mut cam, cam_log) = spawn("camera-agent", &cam_args);
-    wait_for_line(&cam_log, "registered", 10);
+    let (mut cam, _cam_log) = dep.start_camera(&["--status-socket", s(&dep.path("c.sock"))]);
 
     let out_file = d.join("out.h264");
-    let viewer_args = |camera: &'static str| {
-        vec![
-            "--rendezvous".to_string(),
-            rdv_addr.clone(),
-            "--ca".into(),
-            s(&ca).into(),
-            "--cert".into(),
-            s(&d.join("viewer-alice.pem")).into(),
-            "--key".into(),
-            s(&d.join("viewer-alice.key")).into(),
-            "--bind".into(),
-            "127.0.0.1:0".into(),
-            camera.into(),
-        ]
-    };
+    let viewer_args = |camera: &str| dep.viewer_args(camera);
     let mut args = viewer_args("cam-1");
     args.extend(["--frames", "30", "--json", "-o", s(&out_file)].map(String::from));
     let out = Command::new(binary("viewer"))
@@ -345,13 +266,9 @@ fn bad_config_names_the_file_and_line() {
 
 #[test]
 fn setup_from_init_to_watching_and_access_reload_without_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let cam_dir = d.join("camera");
-    let (ca, ca_key) = (d.join("ca.pem"), d.join("ca.key"));
-    assert!(run("certs", &["ca", "--out", s(d)]).status.success());
-    let port = free_udp_port();
-    let rdv_addr = format!("127.0.0.1:{port}");
+    let dep = Deployment::new(None);
+    let (ca, ca_key) = (dep.path("ca.pem"), dep.path("ca.key"));
+    let cam_dir = dep.path("camera");
     // On the camera: key, CSR and config template.
     let out = run(
         "camera-agent",
@@ -362,7 +279,7 @@ fn setup_from_init_to_watching_and_access_reload_without_restart() {
             "--dir",
             s(&cam_dir),
             "--rendezvous",
-            &rdv_addr,
+            &dep.rdv_addr,
         ],
     );
     assert!(
@@ -372,6 +289,7 @@ fn setup_from_init_to_watching_and_access_reload_without_restart() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("certs sign-csr"));
     // On the CA: sign the CSR (the key never moved).
+    let (csr, cert) = (cam_dir.join("camera.csr"), cam_dir.join("camera.pem"));
     let out = run(
         "certs",
         &[
@@ -381,9 +299,9 @@ fn setup_from_init_to_watching_and_access_reload_without_restart() {
             "--ca-key",
             s(&ca_key),
             "--csr",
-            s(&cam_dir.join("camera.csr")),
+            s(&csr),
             "--out",
-            s(&cam_dir.join("camera.pem")),
+            s(&cert),
         ],
     );
     assert!(
@@ -392,26 +310,6 @@ fn setup_from_init_to_watching_and_access_reload_without_restart() {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::copy(&ca, cam_dir.join("ca.pem")).expect("copy ca");
-    for (role, id, extra) in [
-        ("rendezvous", "rdv-1", vec!["--ip", "127.0.0.1"]),
-        ("viewer", "alice", vec![]),
-    ] {
-        let mut args = vec![
-            "issue",
-            "--ca",
-            s(&ca),
-            "--ca-key",
-            s(&ca_key),
-            "--role",
-            role,
-            "--id",
-            id,
-            "--out",
-            s(d),
-        ];
-        args.extend(extra);
-        assert!(run("certs", &args).status.success());
-    }
     // Fill in the template: the source; no viewer allowed yet.
     let toml = cam_dir.join("camera.toml");
     let text = std::fs::read_to_string(&toml).expect("config");
@@ -422,39 +320,23 @@ fn setup_from_init_to_watching_and_access_reload_without_restart() {
     );
     std::fs::write(&toml, &text).expect("write config");
 
-    let (_rdv, rdv_log) = spawn(
-        "rendezvous",
-        &[
-            "--listen",
-            &rdv_addr,
-            "--ca",
-            s(&ca),
-            "--cert",
-            s(&d.join("rendezvous-rdv-1.pem")),
-            "--key",
-            s(&d.join("rendezvous-rdv-1.key")),
-        ],
-    );
-    wait_for_line(&rdv_log, "rendezvous listening", 10);
+    let socket = dep.path("c.sock");
     let (cam, cam_log) = spawn(
         "camera-agent",
-        &["--config", s(&toml), "--bind", "127.0.0.1:0"],
+        &[
+            "--config",
+            s(&toml),
+            "--bind",
+            "127.0.0.1:0",
+            "--status-socket",
+            s(&socket),
+        ],
     );
     wait_for_line(&cam_log, "registered", 10);
-    let (cert, key) = (d.join("viewer-alice.pem"), d.join("viewer-alice.key"));
     let watch = || {
         Command::new(binary("viewer"))
-            .args([
-                "--rendezvous",
-                &rdv_addr,
-                "--ca",
-                s(&ca),
-                "--cert",
-                s(&cert),
-                "--key",
-                s(&key),
-            ])
-            .args(["--bind", "127.0.0.1:0", "cam-7", "--frames", "10", "--json"])
+            .args(dep.viewer_args("cam-7"))
+            .args(["--frames", "10", "--json"])
             .output()
             .expect("viewer runs")
     };
@@ -577,25 +459,28 @@ impl Deployment {
         (cam, log)
     }
 
+    /// The viewer's connection settings as alice, and the camera to watch.
+    fn viewer_args(&self, camera: &str) -> Vec<String> {
+        let mut args = vec!["--rendezvous".to_string(), self.rdv_addr.clone()];
+        for (flag, file) in [
+            ("--ca", "ca.pem"),
+            ("--cert", "viewer-alice.pem"),
+            ("--key", "viewer-alice.key"),
+        ] {
+            args.extend([flag.to_string(), s(&self.path(file)).to_string()]);
+        }
+        args.extend(["--bind", "127.0.0.1:0", camera].map(String::from));
+        args
+    }
+
     /// A viewer command for alice watching cam-1, quiet, with `extra` flags.
     fn viewer(&self, extra: &[&str]) -> Command {
         let mut c = Command::new(binary("viewer"));
-        c.args([
-            "--rendezvous",
-            &self.rdv_addr,
-            "--ca",
-            s(&self.path("ca.pem")),
-        ])
-        .args([
-            "--cert",
-            s(&self.path("viewer-alice.pem")),
-            "--key",
-            s(&self.path("viewer-alice.key")),
-        ])
-        .args(["--bind", "127.0.0.1:0", "cam-1", "--quiet"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        c.args(self.viewer_args("cam-1"))
+            .arg("--quiet")
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         c
     }
 }

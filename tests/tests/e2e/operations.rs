@@ -22,17 +22,14 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
 async fn admin_listener_reports_metrics_and_health() {
     init_tracing();
     let pki = Pki::new();
-    let rdv = peercam_rendezvous::start(peercam_rendezvous::Config {
-        listen: any_port(),
-        credentials: pki.creds(Role::Rendezvous, "rdv"),
-        trust: pki.trust(),
-        limits: peercam_rendezvous::Limits {
+    let rdv = start_rendezvous_with(
+        &pki,
+        peercam_rendezvous::Limits {
             admin_listen: Some(any_tcp()),
             ..Default::default()
         },
-    })
-    .await
-    .expect("starts");
+    )
+    .await;
     let admin = rdv.admin_addr().expect("admin listener");
     let cam = start_camera(&pki, "cam-1", rdv.local_addr(), &["alice"]).await;
     let mut ok = viewer_config(&pki, "alice", rdv.local_addr(), "cam-1");

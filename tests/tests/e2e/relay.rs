@@ -100,14 +100,7 @@ async fn relay_caps_bytes_per_session() {
         .as_mut()
         .expect("relay on by default")
         .max_bytes = 150_000;
-    let rdv = peercam_rendezvous::start(peercam_rendezvous::Config {
-        listen: any_port(),
-        credentials: pki.creds(peercam_certs::Role::Rendezvous, "rdv"),
-        trust: pki.trust(),
-        limits,
-    })
-    .await
-    .expect("starts");
+    let rdv = start_rendezvous_with(&pki, limits).await;
     let cam = start_camera(&pki, "cam-1", rdv.local_addr(), &["alice"]).await;
     let mut config = viewer_config(&pki, "alice", rdv.local_addr(), "cam-1");
     config.relay = RelayMode::Only;

@@ -495,14 +495,7 @@ async fn rendezvous_bounds_what_it_sends_to_an_unvalidated_address() {
         retry_threshold: 0,
         ..Default::default()
     };
-    let rdv = peercam_rendezvous::start(peercam_rendezvous::Config {
-        listen: any_port(),
-        credentials: pki.creds(Role::Rendezvous, "rdv"),
-        trust: pki.trust(),
-        limits,
-    })
-    .await
-    .expect("starts");
+    let rdv = start_rendezvous_with(&pki, limits).await;
     let (sent, back) = tokio::task::block_in_place(|| spoofed_initial(&pki, rdv.local_addr(), &ep));
     assert!(
         back > 0 && back < sent,
@@ -526,14 +519,7 @@ async fn malformed_oversized_and_idle_peers_are_cut_off_while_others_keep_workin
         frame_timeout: Duration::from_millis(800),
         ..Default::default()
     };
-    let rdv = peercam_rendezvous::start(peercam_rendezvous::Config {
-        listen: any_port(),
-        credentials: pki.creds(Role::Rendezvous, "rdv"),
-        trust: pki.trust(),
-        limits,
-    })
-    .await
-    .expect("starts");
+    let rdv = start_rendezvous_with(&pki, limits).await;
     let cam = start_camera(&pki, "cam-1", rdv.local_addr(), &["alice"]).await;
     let mallory = pki.creds(Role::Viewer, "mallory");
     let closed_with = |e: quinn::ConnectionError, code: u32| matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(code));
