@@ -24,6 +24,9 @@ use crate::fanout::Published;
 use crate::status::ViewerStats;
 use crate::State;
 
+/// Priority of the control stream: above every GOP stream.
+const CONTROL_PRIORITY: i32 = i32::MAX;
+
 /// How long a viewer has to finish the handshake and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,6 +81,9 @@ async fn serve_viewer(incoming: quinn::Incoming, state: Arc<State>, cancel: Canc
         }
         let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
             let (send, mut recv) = conn.accept_bi().await.ok()?;
+            // Control before video: GOP streams take priority over each other by age, and
+            // under loss a retransmitted answer or pong must not wait behind them.
+            let _ = send.set_priority(CONTROL_PRIORITY);
             match frame::read::<ToCamera, _>(&mut recv).await {
                 Ok(Some(ToCamera::Hello { session })) => Some((send, recv, session)),
                 _ => None,
@@ -207,6 +213,7 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
     let mut live = sub.live;
     let mut current: Option<GopStream> = None;
     let mut skip_gop: Option<u64> = None;
+    let mut retiring = Retiring::new(budget);
     // The cached GOP is sent whatever its age: it is what lets a viewer start at once.
     for frame in sub.cached {
         let p = Published {
@@ -214,7 +221,7 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
             frame,
         };
         let size = p.frame.data.len();
-        if let Err(why) = send_frame(conn, &mut current, &p, None, true).await {
+        if let Err(why) = send_frame(conn, &mut current, &mut retiring, &p, None, true).await {
             return why;
         }
         stats.sent(size);
@@ -255,7 +262,16 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
             skip_gop = Some(p.gop);
             continue;
         }
-        match send_frame(conn, &mut current, &p, Some(budget - age), false).await {
+        match send_frame(
+            conn,
+            &mut current,
+            &mut retiring,
+            &p,
+            Some(budget - age),
+            false,
+        )
+        .await
+        {
             Ok(()) => stats.sent(p.frame.data.len()),
             Err("stale") => {
                 abandon(&mut current);
@@ -263,6 +279,41 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
             }
             Err(why) => return why,
         }
+    }
+}
+
+/// Finished GOP streams whose data may still be queued. quinn keeps sending (and counting
+/// against the send window) the queued data of a stream the viewer stopped until the
+/// stream is reset, so each one is watched: reset when the viewer stops it, or when it is
+/// still not delivered a latency budget later; dropped once delivered.
+struct Retiring {
+    budget: Duration,
+    tasks: JoinSet<()>,
+}
+
+impl Retiring {
+    fn new(budget: Duration) -> Self {
+        Retiring {
+            budget,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    fn retire(&mut self, mut stream: SendStream) {
+        let _ = stream.finish();
+        while self.tasks.try_join_next().is_some() {}
+        let budget = self.budget;
+        self.tasks.spawn(async move {
+            match tokio::time::timeout(budget, stream.stopped()).await {
+                Ok(Ok(Some(code))) => {
+                    let _ = stream.reset(code);
+                }
+                Err(_) => {
+                    let _ = stream.reset(VarInt::from_u32(RESET_STALE_GOP));
+                }
+                Ok(_) => {} // delivered, or the connection is gone
+            }
+        });
     }
 }
 
@@ -284,6 +335,7 @@ async fn finish(current: Option<GopStream>) {
 async fn send_frame(
     conn: &quinn::Connection,
     current: &mut Option<GopStream>,
+    retiring: &mut Retiring,
     p: &Published,
     deadline: Option<Duration>,
     cached: bool,
@@ -292,8 +344,8 @@ async fn send_frame(
         if !p.frame.keyframe {
             return Ok(()); // mid-GOP without its keyframe: undecodable, skip
         }
-        if let Some(mut old) = current.take() {
-            let _ = old.stream.finish();
+        if let Some(old) = current.take() {
+            retiring.retire(old.stream);
         }
         let mut stream = conn.open_uni().await.map_err(|_| "connection lost")?;
         // Newer GOPs first; i32 wraps only after 2^31 GOPs.

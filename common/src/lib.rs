@@ -2,7 +2,8 @@
 //! control messages, binary media framing), TLS and QUIC configuration, H.264 parsing and
 //! small pure helpers.
 //!
-//! Nothing here owns a task or a socket loop; the programs do.
+//! Nothing here owns a task or a socket loop; the programs do. The one exception is
+//! [`impair`], the test and benchmark link model, whose socket owns its two tasks.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -11,6 +12,7 @@ pub mod config;
 pub mod frame;
 pub mod h264;
 pub mod ids;
+pub mod impair;
 pub mod media;
 pub mod net;
 pub mod netcheck;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
+use crate::impair::{ImpairedSocket, Impairment};
 use crate::tls::TlsError;
 
 /// Keep-alive on rendezvous connections: well under the 30 s UDP timeout of most NATs.
@@ -48,6 +49,10 @@ pub fn rendezvous_transport() -> TransportConfig {
     t
 }
 
+/// Congestion window of a new media connection: one keyframe goes out in the first round
+/// trip, so a viewer starts one RTT after asking, not after several rounds of slow start.
+pub const MEDIA_INITIAL_WINDOW: u64 = 256 * 1024;
+
 /// Transport for media connections. `initial_rtt` comes from the RTT measured through the
 /// rendezvous, so a lost first packet is resent after tens of milliseconds, not a second.
 pub fn media_transport(initial_rtt: Option<Duration>) -> TransportConfig {
@@ -59,6 +64,12 @@ pub fn media_transport(initial_rtt: Option<Duration>) -> TransportConfig {
         .stream_receive_window(VarInt::from_u32(8 * 1024 * 1024))
         .send_window(16 * 1024 * 1024)
         .datagram_receive_buffer_size(None);
+    // BBR, not loss-based Cubic: random loss is not congestion, and Cubic's answer to 1-5 %
+    // loss (a window too small for the stream) is what makes video fall behind. Measured in
+    // BENCHMARKS.md ("Live video"); quinn marks its BBR experimental, see ARCHITECTURE.md.
+    let mut cc = quinn::congestion::BbrConfig::default();
+    cc.initial_window(MEDIA_INITIAL_WINDOW);
+    t.congestion_controller_factory(Arc::new(cc));
     if let Some(rtt) = initial_rtt {
         t.initial_rtt(rtt.clamp(Duration::from_millis(1), Duration::from_millis(333)));
     }
@@ -106,11 +117,28 @@ pub fn bind_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<SharedEndpoint> {
+    bind_endpoint_with(addr, server, None)
+}
+
+/// [`bind_endpoint`], with the endpoint's traffic (not the punches) passed through a
+/// user-space [`Impairment`] when one is given: for tests and benchmarks.
+pub fn bind_endpoint_with(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    impairment: Option<Impairment>,
+) -> std::io::Result<SharedEndpoint> {
     let socket = UdpSocket::bind(addr)?;
     let punch = Arc::new(socket.try_clone()?);
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
-    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)?;
+    let config = quinn::EndpointConfig::default();
+    let endpoint = match impairment {
+        None => quinn::Endpoint::new(config, server, socket, runtime)?,
+        Some(imp) => {
+            let socket = ImpairedSocket::new(socket, imp)?;
+            quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)?
+        }
+    };
     Ok(SharedEndpoint { endpoint, punch })
 }
 

@@ -64,140 +64,184 @@ fn setup(e: impl fmt::Display) -> ViewError {
 }
 
 pub(crate) async fn connect(config: &Config, started: Instant) -> Result<Link, ViewError> {
-    let creds = &config.credentials;
-    let rdv_tls =
-        tls::client_config(creds, &config.trust, Expect::Rendezvous, rdv::ALPN).map_err(setup)?;
-    let rdv_cfg = quic::quic_client(rdv_tls, quic::rendezvous_transport()).map_err(setup)?;
-    let shared = quic::bind_endpoint(config.bind, None)
-        .map_err(|e| setup(format!("cannot bind UDP {}: {e}", config.bind)))?;
-    let endpoint = shared.endpoint;
-    let local = endpoint.local_addr().map_err(setup)?;
-    let rdv_err = |why: String| ViewError::Rendezvous {
+    RendezvousLink::open(config)
+        .await?
+        .find(config, started)
+        .await
+}
+
+/// The viewer's socket and its connection to the rendezvous, before any camera is asked for.
+#[derive(Debug)]
+pub(crate) struct RendezvousLink {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+fn rdv_err(config: &Config, why: String) -> ViewError {
+    ViewError::Rendezvous {
         addr: config.rendezvous.to_string(),
         why,
-    };
-    info!(
-        target: "progress",
-        "asking the rendezvous at {} for camera {}",
-        config.rendezvous,
-        config.camera
-    );
-    let rdv_addr = net::for_socket(local, config.rendezvous.addr).ok_or_else(|| {
-        rdv_err(format!(
-            "this socket ({local}) cannot reach that address family"
-        ))
-    })?;
-    let connecting = endpoint
-        .connect_with(rdv_cfg, rdv_addr, &config.rendezvous.server_name)
-        .map_err(|e| rdv_err(e.to_string()))?;
-    let rdv_conn = match tokio::time::timeout(config.connect_timeout, connecting).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(rdv_err(e.to_string())),
-        Err(_) => {
-            return Err(rdv_err(format!(
-                "no answer within {:?}",
-                config.connect_timeout
-            )))
-        }
-    };
-    let (mut send, mut recv) = rdv_conn
-        .open_bi()
-        .await
-        .map_err(|e| rdv_err(e.to_string()))?;
-    let ask = ToRendezvous::Connect {
-        camera: config.camera.clone(),
-        local_addrs: net::host_candidates(local),
-    };
-    let why = |e: frame::FrameError| {
-        let closed = rdv_conn
-            .close_reason()
-            .map(|r| format!(" ({r})"))
-            .unwrap_or_default();
-        match e {
-            frame::FrameError::Io(io) => format!("{io}{closed}"),
-            other => format!("{other}{closed}"),
-        }
-    };
-    frame::write(&mut send, &ask)
-        .await
-        .map_err(|e| rdv_err(why(e)))?;
-    let reply = tokio::time::timeout(
-        config.connect_timeout + INTRO_ALLOWANCE,
-        frame::read(&mut recv),
-    )
-    .await
-    .map_err(|_| ViewError::IntroTimeout(config.camera.clone()))?
-    .map_err(|e| rdv_err(why(e)))?;
-    let viewer = ViewerId::new(&creds.identity.id).map_err(setup)?;
-    let (session, observed, camera_local, camera_rtt, relay) = match reply {
-        Some(FromRendezvous::PeerReady {
-            session,
-            camera_observed,
-            camera_local,
-            camera_rtt_us,
-            relay,
-        }) => (
-            session,
-            camera_observed,
-            camera_local,
-            Duration::from_micros(camera_rtt_us),
-            relay,
-        ),
-        Some(FromRendezvous::Refused { reason }) => {
-            rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"");
-            return Err(ViewError::from_refusal(reason, &config.camera, &viewer));
-        }
-        Some(other) => return Err(rdv_err(format!("unexpected answer {other:?}"))),
-        None => {
-            let why = rdv_conn
-                .close_reason()
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| "closed the stream".into());
-            return Err(rdv_err(why));
-        }
-    };
-    // The viewer↔camera RTT is at most about the two legs through the rendezvous.
-    let rtt_hint = rdv_conn.rtt() + camera_rtt;
-    let mut candidates = vec![observed];
-    candidates.extend(camera_local.iter().copied());
-    if config.relay == RelayMode::Only {
-        candidates.clear();
     }
-    let relay = relay.filter(|_| config.relay != RelayMode::Never);
-    info!(
-        target: "progress",
-        "camera {} found; connecting to {} candidate address(es){}",
-        config.camera,
-        candidates.len(),
-        if relay.is_some() { " and the relay" } else { "" }
-    );
-    let link = dial(config, &endpoint, &candidates, relay, rtt_hint).await;
-    rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"connected");
-    let (conn, remote) = link?;
-    // A host candidate that is also the observed address is a public host: direct. A
-    // global IPv6 host candidate behind routers is direct too: lan means on our link.
-    let path = if Some(remote) == relay {
-        Path::Relay
-    } else if remote != observed && camera_local.contains(&remote) && net::on_link(remote.ip()) {
-        Path::Lan
-    } else {
-        Path::Direct
-    };
-    let connected_after = started.elapsed();
-    info!(
-        target: "progress",
-        "connected to camera {}: {path} {remote} in {:.0} ms (end-to-end encrypted, identity verified)",
-        config.camera,
-        connected_after.as_secs_f64() * 1000.0
-    );
-    Ok(Link {
-        endpoint,
-        conn,
-        path,
-        remote,
-        session,
-        connected_after,
-    })
+}
+
+impl RendezvousLink {
+    /// Binds the socket and connects to the rendezvous.
+    pub(crate) async fn open(config: &Config) -> Result<Self, ViewError> {
+        let creds = &config.credentials;
+        let rdv_tls = tls::client_config(creds, &config.trust, Expect::Rendezvous, rdv::ALPN)
+            .map_err(setup)?;
+        let rdv_cfg = quic::quic_client(rdv_tls, quic::rendezvous_transport()).map_err(setup)?;
+        let shared = quic::bind_endpoint_with(config.bind, None, config.impairment)
+            .map_err(|e| setup(format!("cannot bind UDP {}: {e}", config.bind)))?;
+        let endpoint = shared.endpoint;
+        let local = endpoint.local_addr().map_err(setup)?;
+        info!(
+            target: "progress",
+            "asking the rendezvous at {} for camera {}",
+            config.rendezvous,
+            config.camera
+        );
+        let rdv_addr = net::for_socket(local, config.rendezvous.addr).ok_or_else(|| {
+            rdv_err(
+                config,
+                format!("this socket ({local}) cannot reach that address family"),
+            )
+        })?;
+        let connecting = endpoint
+            .connect_with(rdv_cfg, rdv_addr, &config.rendezvous.server_name)
+            .map_err(|e| rdv_err(config, e.to_string()))?;
+        let conn = match tokio::time::timeout(config.connect_timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(rdv_err(config, e.to_string())),
+            Err(_) => {
+                return Err(rdv_err(
+                    config,
+                    format!("no answer within {:?}", config.connect_timeout),
+                ))
+            }
+        };
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| rdv_err(config, e.to_string()))?;
+        Ok(RendezvousLink {
+            endpoint,
+            conn,
+            send,
+            recv,
+        })
+    }
+
+    /// Asks for `config.camera` and connects to it; the rendezvous connection is closed
+    /// once the camera is reached.
+    pub(crate) async fn find(self, config: &Config, started: Instant) -> Result<Link, ViewError> {
+        let RendezvousLink {
+            endpoint,
+            conn: rdv_conn,
+            mut send,
+            mut recv,
+        } = self;
+        let local = endpoint.local_addr().map_err(setup)?;
+        let creds = &config.credentials;
+        let rdv_err = |why: String| rdv_err(config, why);
+        let ask = ToRendezvous::Connect {
+            camera: config.camera.clone(),
+            local_addrs: net::host_candidates(local),
+        };
+        let why = |e: frame::FrameError| {
+            let closed = rdv_conn
+                .close_reason()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            match e {
+                frame::FrameError::Io(io) => format!("{io}{closed}"),
+                other => format!("{other}{closed}"),
+            }
+        };
+        frame::write(&mut send, &ask)
+            .await
+            .map_err(|e| rdv_err(why(e)))?;
+        let reply = tokio::time::timeout(
+            config.connect_timeout + INTRO_ALLOWANCE,
+            frame::read(&mut recv),
+        )
+        .await
+        .map_err(|_| ViewError::IntroTimeout(config.camera.clone()))?
+        .map_err(|e| rdv_err(why(e)))?;
+        let viewer = ViewerId::new(&creds.identity.id).map_err(setup)?;
+        let (session, observed, camera_local, camera_rtt, relay) = match reply {
+            Some(FromRendezvous::PeerReady {
+                session,
+                camera_observed,
+                camera_local,
+                camera_rtt_us,
+                relay,
+            }) => (
+                session,
+                camera_observed,
+                camera_local,
+                Duration::from_micros(camera_rtt_us),
+                relay,
+            ),
+            Some(FromRendezvous::Refused { reason }) => {
+                rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"");
+                return Err(ViewError::from_refusal(reason, &config.camera, &viewer));
+            }
+            Some(other) => return Err(rdv_err(format!("unexpected answer {other:?}"))),
+            None => {
+                let why = rdv_conn
+                    .close_reason()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "closed the stream".into());
+                return Err(rdv_err(why));
+            }
+        };
+        // The viewer↔camera RTT is at most about the two legs through the rendezvous.
+        let rtt_hint = rdv_conn.rtt() + camera_rtt;
+        let mut candidates = vec![observed];
+        candidates.extend(camera_local.iter().copied());
+        if config.relay == RelayMode::Only {
+            candidates.clear();
+        }
+        let relay = relay.filter(|_| config.relay != RelayMode::Never);
+        info!(
+            target: "progress",
+            "camera {} found; connecting to {} candidate address(es){}",
+            config.camera,
+            candidates.len(),
+            if relay.is_some() { " and the relay" } else { "" }
+        );
+        let link = dial(config, &endpoint, &candidates, relay, rtt_hint).await;
+        rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"connected");
+        let (conn, remote) = link?;
+        // A host candidate that is also the observed address is a public host: direct. A
+        // global IPv6 host candidate behind routers is direct too: lan means on our link.
+        let path = if Some(remote) == relay {
+            Path::Relay
+        } else if remote != observed && camera_local.contains(&remote) && net::on_link(remote.ip())
+        {
+            Path::Lan
+        } else {
+            Path::Direct
+        };
+        let connected_after = started.elapsed();
+        info!(
+            target: "progress",
+            "connected to camera {}: {path} {remote} in {:.0} ms (end-to-end encrypted, identity verified)",
+            config.camera,
+            connected_after.as_secs_f64() * 1000.0
+        );
+        Ok(Link {
+            endpoint,
+            conn,
+            path,
+            remote,
+            session,
+            connected_after,
+        })
+    }
 }
 
 /// How long a relayed connection waits for a direct one still in progress: a direct path

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use peercam_common::impair::Impairment;
 use peercam_common::media::FrameHeader;
 use peercam_common::net::RendezvousAddr;
 use peercam_common::rdv::Refusal;
@@ -86,6 +87,8 @@ pub struct Config {
     pub record_segment_secs: Option<u64>,
     /// Called with every frame written to the sink (for the live window).
     pub frame_hook: Option<FrameHook>,
+    /// For tests and benchmarks: a user-space impairment on this viewer's socket.
+    pub impairment: Option<Impairment>,
 }
 
 /// A frame as handed to a [`FrameHook`].
@@ -135,6 +138,7 @@ impl Config {
             record: None,
             record_segment_secs: None,
             frame_hook: None,
+            impairment: None,
         }
     }
 }
@@ -299,4 +303,32 @@ pub async fn watch(config: Config, cancel: CancellationToken) -> Result<Summary,
     let started = tokio::time::Instant::now();
     let link = connect::connect(&config, started).await?;
     receive::run(&config, link, started, cancel).await
+}
+
+/// A viewer already connected to the rendezvous, so that watching starts sooner: an app
+/// opens one when it starts and watches when the user picks a camera.
+#[derive(Debug)]
+pub struct Client {
+    rdv: connect::RendezvousLink,
+}
+
+impl Client {
+    /// Binds the socket and connects to the rendezvous named in `config`.
+    pub async fn connect(config: &Config) -> Result<Client, ViewError> {
+        Ok(Client {
+            rdv: connect::RendezvousLink::open(config).await?,
+        })
+    }
+
+    /// Watches `config.camera` (the rendezvous and identity were fixed by [`Client::connect`]);
+    /// time to first frame counts from this call.
+    pub async fn watch(
+        self,
+        config: Config,
+        cancel: CancellationToken,
+    ) -> Result<Summary, ViewError> {
+        let started = tokio::time::Instant::now();
+        let link = self.rdv.find(&config, started).await?;
+        receive::run(&config, link, started, cancel).await
+    }
 }

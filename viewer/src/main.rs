@@ -78,6 +78,10 @@ struct Cli {
     /// closing the window stops the viewer. Combines with -o and --record.
     #[arg(long)]
     window: bool,
+    /// For tests and benchmarks: impair this viewer's UDP traffic in both directions,
+    /// e.g. `rtt=50ms,jitter=5ms,loss=5%,rate=2mbit,queue=200ms`.
+    #[arg(long, value_name = "SPEC")]
+    impair: Option<peercam_common::impair::Impairment>,
 }
 
 #[derive(clap::Subcommand)]
@@ -248,6 +252,7 @@ fn run(cli: Cli) -> Result<ExitCode, (u8, String)> {
     config.duration = cli.duration.map(|d| secs("duration", d)).transpose()?;
     config.connect_timeout = secs("connect-timeout", cli.connect_timeout)?;
     config.progress = !cli.json && !cli.quiet;
+    config.impairment = cli.impair;
     let summary = if cli.window {
         watch_in_window(config)?
     } else {

@@ -338,6 +338,15 @@ async fn ping_loop(mut send: quinn::SendStream, mut recv: RecvStream, offset: Of
     }
 }
 
+/// How often a reader blocked on a GOP stream checks whether a newer GOP waits.
+const STALL_CHECK: Duration = Duration::from_millis(10);
+
+/// How long a GOP may keep the reader waiting once a newer GOP waits: about the time a
+/// lost packet takes to be resent, and never more than the latency budget.
+fn stall_grace(conn: &quinn::Connection, budget: Duration) -> Duration {
+    (conn.rtt() * 2 + Duration::from_millis(30)).clamp(Duration::from_millis(60), budget)
+}
+
 /// Reads GOP streams in order and turns them into frame events.
 async fn read_gops(
     conn: quinn::Connection,
@@ -356,6 +365,12 @@ async fn read_gops(
     }));
     let mut last_seq: Option<u64> = None;
     while let Some(mut stream) = streams.recv().await {
+        // Several GOPs waiting means the older ones are stale already: take the newest
+        // (the camera sends it first) and drop the others; the sequence gap counts them.
+        while let Ok(newer) = streams.try_recv() {
+            let mut older = std::mem::replace(&mut stream, newer);
+            let _ = older.stop(VarInt::from_u32(0));
+        }
         let mut buf = [0u8; GopHeader::LEN];
         let Ok(()) = stream.read_exact(&mut buf).await else {
             continue; // reset before its header arrived: counted by the sequence gap
@@ -380,8 +395,40 @@ async fn read_gops(
             }
         }
         last_seq = Some(gop.seq);
+        // Since when a newer GOP has been waiting while this one kept us waiting.
+        let mut newer_since: Option<Instant> = None;
         loop {
-            match read_frame(&mut stream).await {
+            // Newer GOPs have priority at the camera, so under congestion the rest of an
+            // older one trickles or starves: once a newer GOP waits, this one gets about the
+            // time a lost packet takes to be resent to finish, then we jump to the newer one.
+            let next = {
+                let read = read_frame(&mut stream);
+                tokio::pin!(read);
+                loop {
+                    match tokio::time::timeout(STALL_CHECK, &mut read).await {
+                        Ok(r) => break Some(r),
+                        Err(_) if streams.is_empty() => {}
+                        Err(_) => {
+                            let since = *newer_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() > stall_grace(&conn, budget) {
+                                break None;
+                            }
+                        }
+                    }
+                }
+            };
+            let Some(next) = next else {
+                debug!(
+                    gop = gop.seq,
+                    "GOP stalled while a newer one waits: abandoning it"
+                );
+                let _ = stream.stop(VarInt::from_u32(0));
+                if tx.send(Event::GopDropped(1)).await.is_err() {
+                    return;
+                }
+                break;
+            };
+            match next {
                 Ok(Some((header, data))) => {
                     let recv_us = unix_micros();
                     let behind = Duration::from_micros(
