@@ -58,13 +58,16 @@ impl Clip {
             Clip::Uhd20M => ("uhd-20mbit.h264", "3840x2160", 4),
         };
         let path = dir.join(name);
+        // One encoder at a time in this process; tests ask for the same clip at once.
+        static ENCODING: Mutex<()> = Mutex::new(());
+        let _one = ENCODING.lock().unwrap_or_else(|p| p.into_inner());
         if path.exists() {
             return Ok(path);
         }
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let rate = format!("{}k", self.bitrate() / 1000);
         let src = format!("testsrc2=size={size}:rate={FPS}");
-        let tmp = dir.join(format!("{name}.part"));
+        let tmp = dir.join(format!("{name}.{}.part", std::process::id()));
         // Noise makes the picture hard to compress, so the encoder really spends the bitrate.
         let status = std::process::Command::new("ffmpeg")
             .args(["-v", "error", "-y", "-f", "lavfi", "-i", &src, "-t"])
