@@ -28,6 +28,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::admin::{self, Metrics};
+use crate::cluster::{self, Cluster, Inbound};
 use crate::registry::{ConnId, Online, RegisterError, Registry, RegistryLimits};
 use crate::relay::{Allocation, Peers, Relay, RelayLimits};
 
@@ -60,6 +61,9 @@ pub struct Limits {
     /// Address the relay advertises, when the listen address is not the public one (a
     /// cloud VM behind 1:1 NAT). Default: the address a viewer's packets arrived on.
     pub relay_public_ip: Option<IpAddr>,
+    /// Cluster mode (presence and introductions shared through Redis); `None`: a single
+    /// node with its registry in memory, the default.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl Default for Limits {
@@ -76,6 +80,7 @@ impl Default for Limits {
             admin_listen: None,
             relay: Some(RelayLimits::default()),
             relay_public_ip: None,
+            cluster: None,
         }
     }
 }
@@ -107,6 +112,9 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The cluster settings are not usable.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// A running rendezvous server.
@@ -183,6 +191,7 @@ struct Shared {
     handshaking: AtomicUsize,
     metrics: Metrics,
     limits: Limits,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -249,6 +258,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         None => None,
     };
     let probe_addr = probe.as_ref().and_then(|ep| ep.local_addr().ok());
+    let pin = config.limits.registry.pin;
+    let cluster = match config.limits.cluster.clone() {
+        Some(c) => Some(Cluster::start(c, pin)?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         listen: local_addr,
         probe_port: probe_addr.map(|a| a.port()),
@@ -260,6 +274,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         handshaking: AtomicUsize::new(0),
         metrics: Metrics::default(),
         limits: config.limits,
+        cluster: cluster.as_ref().map(|(c, ..)| c.clone()),
     });
     let cancel = CancellationToken::new();
     let admin = match shared.limits.admin_listen {
@@ -275,13 +290,24 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         let (for_scrape, for_ready) = (shared.clone(), cancel.clone());
         admin::serve(
             listener,
-            move || admin::render(&for_scrape.metrics, for_scrape.gauges()),
+            move || {
+                let mut text = admin::render(&for_scrape.metrics, for_scrape.gauges());
+                if let Some(c) = &for_scrape.cluster {
+                    text.push_str(&c.render_metrics());
+                }
+                text
+            },
             move || !for_ready.is_cancelled(),
             cancel.clone(),
         )
     });
     let main_loop = accept_loop(endpoint, shared.clone(), cancel.clone());
     let probe_loop = probe.map(|ep| accept_loop(ep, shared.clone(), cancel.clone()));
+    let cluster_loop = cluster.map(|(_, driver, inbound)| {
+        let inbound = cluster_inbound(shared.clone(), inbound, cancel.clone());
+        let driver = driver.run(cancel.clone());
+        async { tokio::join!(driver, inbound) }
+    });
     let task = tokio::spawn(
         async move {
             let probe = async {
@@ -294,7 +320,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                     a.await
                 }
             };
-            tokio::join!(main_loop, probe, admin);
+            let cluster = async {
+                if let Some(c) = cluster_loop {
+                    c.await;
+                }
+            };
+            tokio::join!(main_loop, probe, admin, cluster);
         }
         .instrument(info_span!("rendezvous", listen = %local_addr)),
     );
@@ -436,17 +467,27 @@ async fn camera_session(
     };
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let observed = canonical(conn.remote_address());
-    let registered = shared.registry().register(
-        Instant::now(),
-        &camera,
-        peer.key,
-        access.into_iter().collect(),
-        Online {
-            conn: conn_id,
-            observed,
-            local: local_addrs,
-        },
-    );
+    let online = Online {
+        conn: conn_id,
+        observed,
+        local: local_addrs,
+    };
+    let registered = match &shared.cluster {
+        Some(c) => cluster_claim(c, &camera, peer.key, &online, &access).await,
+        None => Ok(()),
+    }
+    .and_then(|()| {
+        shared.registry().register(
+            Instant::now(),
+            &camera,
+            peer.key,
+            access.into_iter().collect(),
+            online,
+        )
+    });
+    if let (Err(_), Some(c)) = (&registered, &shared.cluster) {
+        c.release(&camera, conn_id);
+    }
     match registered {
         Ok(Some(old)) => {
             if let Some(link) = lock(&shared.cameras).remove(&old) {
@@ -522,6 +563,9 @@ async fn camera_session(
     shared
         .registry()
         .unregister(Instant::now(), &camera, conn_id);
+    if let Some(c) = &shared.cluster {
+        c.release(&camera, conn_id);
+    }
     info!(reason, "camera unregistered");
 }
 
@@ -543,6 +587,9 @@ fn camera_message(
         ToRendezvous::SetAccess { access } => {
             if access.len() > MAX_ACCESS_LIST {
                 return Err("access list too long");
+            }
+            if let Some(c) = &shared.cluster {
+                c.set_access(camera, conn_id, access.clone());
             }
             shared
                 .registry()
@@ -617,6 +664,17 @@ async fn introduce(
     let online = match looked_up {
         Ok(online) => online,
         Err(reason) => {
+            let remote = shared
+                .cluster
+                .as_ref()
+                .filter(|_| !matches!(reason, Refusal::RateLimited { .. }));
+            if let Some(c) = remote {
+                let remote =
+                    remote_introduce(shared, c, viewer_conn, viewer, &camera, &viewer_local);
+                if let Some(reply) = remote.await {
+                    return reply;
+                }
+            }
             debug!(%camera, ?reason, "connect refused");
             let m = &shared.metrics;
             Metrics::inc(match reason {
@@ -638,16 +696,8 @@ async fn introduce(
             reason: Refusal::Offline { last_seen_secs: 0 },
         };
     };
-    let relay = allocate_relay(shared, viewer_conn, &camera_conn).await;
+    let relay = allocate_relay(shared, viewer_conn, camera_conn.remote_address().ip()).await;
     let session = SessionId::random();
-    let (reply, answer) = oneshot::channel();
-    lock(&shared.pending).insert(
-        session,
-        Pending {
-            camera_conn: online.conn,
-            reply,
-        },
-    );
     let intro = FromRendezvous::Introduce {
         session,
         viewer: viewer.clone(),
@@ -659,16 +709,7 @@ async fn introduce(
             token: a.token,
         }),
     };
-    let outcome = if tx.try_send(intro).is_ok() {
-        tokio::time::timeout(shared.limits.intro_timeout, answer)
-            .await
-            .ok()
-            .and_then(Result::ok)
-    } else {
-        None // the camera's queue is full: it is not keeping up
-    };
-    lock(&shared.pending).remove(&session);
-    match outcome {
+    match ask_camera(shared, online.conn, &tx, session, intro).await {
         Some(Answer::Accepted(camera_local)) => {
             Metrics::inc(&shared.metrics.connects_ok);
             info!(%camera, %session, "introduced");
@@ -698,12 +739,35 @@ async fn introduce(
     }
 }
 
+/// Sends an introduction to a camera connected here and waits for its answer (`None`:
+/// no answer in time, or its queue is full because it is not keeping up).
+async fn ask_camera(
+    shared: &Shared,
+    camera_conn: ConnId,
+    tx: &mpsc::Sender<FromRendezvous>,
+    session: SessionId,
+    intro: FromRendezvous,
+) -> Option<Answer> {
+    let (reply, answer) = oneshot::channel();
+    lock(&shared.pending).insert(session, Pending { camera_conn, reply });
+    let outcome = if tx.try_send(intro).is_ok() {
+        tokio::time::timeout(shared.limits.intro_timeout, answer)
+            .await
+            .ok()
+            .and_then(Result::ok)
+    } else {
+        None
+    };
+    lock(&shared.pending).remove(&session);
+    outcome
+}
+
 /// Allocates a relay session for this introduction, when the relay is enabled and both
 /// peers use the relay's address family.
 async fn allocate_relay(
     shared: &Shared,
     viewer_conn: &quinn::Connection,
-    camera_conn: &quinn::Connection,
+    camera_ip: IpAddr,
 ) -> Option<Allocation> {
     let relay = shared.relay.as_ref()?;
     let ip = if shared.listen.ip().is_unspecified() {
@@ -713,7 +777,7 @@ async fn allocate_relay(
     };
     let peers = Peers {
         viewer_ip: viewer_conn.remote_address().ip().to_canonical(),
-        camera_ip: camera_conn.remote_address().ip().to_canonical(),
+        camera_ip: camera_ip.to_canonical(),
     };
     if peers.viewer_ip.is_ipv4() != ip.is_ipv4() || peers.camera_ip.is_ipv4() != ip.is_ipv4() {
         return None;
@@ -748,4 +812,171 @@ async fn who_am_i(
         let next = frame::read_within::<ToRendezvous, _>(recv, Some(shared.limits.frame_timeout));
         asked = matches!(next.await, Ok(Some(ToRendezvous::WhoAmI)));
     }
+}
+
+/// Cluster mode: claims the camera ID in Redis before the local registry decides, so that
+/// another key never displaces the holder on any node.
+async fn cluster_claim(
+    cluster: &Cluster,
+    camera: &CameraId,
+    key: peercam_certs::Fingerprint,
+    online: &Online,
+    access: &[ViewerId],
+) -> Result<(), RegisterError> {
+    let record = cluster.presence(online.conn, key, online.observed, &online.local, access);
+    match cluster.claim(camera, record).await {
+        cluster::Claim::Taken => Err(RegisterError::IdTaken),
+        cluster::Claim::Claimed | cluster::Claim::Deferred => Ok(()),
+    }
+}
+
+/// Cluster mode: introduces the viewer to a camera registered on another node, through
+/// that node. `None` when no other node has the camera (the local answer stands).
+async fn remote_introduce(
+    shared: &Shared,
+    cluster: &Cluster,
+    viewer_conn: &quinn::Connection,
+    viewer: &ViewerId,
+    camera: &CameraId,
+    viewer_local: &[SocketAddr],
+) -> Option<FromRendezvous> {
+    let presence = cluster.lookup(camera).await?;
+    let m = &shared.metrics;
+    if !presence.allows(viewer) {
+        Metrics::inc(&m.connects_unavailable);
+        return Some(FromRendezvous::Refused {
+            reason: Refusal::Unavailable,
+        });
+    }
+    let relay = allocate_relay(shared, viewer_conn, presence.observed.ip()).await;
+    let session = SessionId::random();
+    let intro = cluster::Forwarded {
+        session,
+        from: cluster.node().clone(),
+        camera: camera.clone(),
+        viewer: viewer.clone(),
+        viewer_observed: canonical(viewer_conn.remote_address()),
+        viewer_local: viewer_local.to_vec(),
+        viewer_rtt_us: viewer_conn.rtt().as_micros() as u64,
+        relay: relay.map(|a| RelayOffer {
+            addr: a.camera_side,
+            token: a.token,
+        }),
+    };
+    let reply = cluster.forward(&presence.node, intro, shared.limits.intro_timeout);
+    let refused = |reason| FromRendezvous::Refused { reason };
+    let (counter, answer) = match reply.await {
+        cluster::Reply::Accepted {
+            camera_observed,
+            camera_local,
+            camera_rtt_us,
+        } => {
+            info!(%camera, %session, node = %presence.node, "introduced through another node");
+            let ready = FromRendezvous::PeerReady {
+                session,
+                camera_observed,
+                camera_local,
+                camera_rtt_us,
+                relay: relay.map(|a| a.viewer_side),
+            };
+            (&m.connects_ok, ready)
+        }
+        cluster::Reply::Declined => (&m.connects_unavailable, refused(Refusal::Unavailable)),
+        cluster::Reply::Gone => {
+            let last_seen_secs = presence.age_secs(cluster::now_ms());
+            (
+                &m.connects_offline,
+                refused(Refusal::Offline { last_seen_secs }),
+            )
+        }
+        cluster::Reply::Timeout => (&m.connects_timeout, refused(Refusal::Timeout)),
+    };
+    Metrics::inc(counter);
+    Some(answer)
+}
+
+/// Cluster mode: delivers an introduction forwarded by another node to a camera here.
+async fn answer_forwarded(shared: &Shared, f: &cluster::Forwarded) -> cluster::Reply {
+    let online = {
+        let registry = shared.registry();
+        match registry.online(&f.camera) {
+            Some(o) if registry.allowed(&f.viewer, &f.camera) => o.clone(),
+            Some(_) => return cluster::Reply::Declined,
+            None => return cluster::Reply::Gone,
+        }
+    };
+    let link = lock(&shared.cameras)
+        .get(&online.conn)
+        .map(|l| (l.tx.clone(), l.conn.clone()));
+    let Some((tx, camera_conn)) = link else {
+        return cluster::Reply::Gone;
+    };
+    let intro = FromRendezvous::Introduce {
+        session: f.session,
+        viewer: f.viewer.clone(),
+        viewer_observed: f.viewer_observed,
+        viewer_local: f.viewer_local.clone(),
+        viewer_rtt_us: f.viewer_rtt_us,
+        relay: f.relay,
+    };
+    match ask_camera(shared, online.conn, &tx, f.session, intro).await {
+        Some(Answer::Accepted(camera_local)) => cluster::Reply::Accepted {
+            camera_observed: canonical(camera_conn.remote_address()),
+            camera_local,
+            camera_rtt_us: camera_conn.rtt().as_micros() as u64,
+        },
+        Some(Answer::Declined) => cluster::Reply::Declined,
+        None => cluster::Reply::Timeout,
+    }
+}
+
+/// Cluster mode: serves what the cluster asks of this node (forwarded introductions,
+/// evictions) until `cancel`.
+async fn cluster_inbound(
+    shared: Arc<Shared>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    cancel: CancellationToken,
+) {
+    let Some(cluster) = shared.cluster.clone() else {
+        return;
+    };
+    let mut tasks = JoinSet::new();
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            msg = inbound.recv() => msg,
+        };
+        match msg {
+            None => break,
+            Some(Inbound::Intro(f)) if tasks.len() < cluster::MAX_INBOUND => {
+                let span =
+                    info_span!("forwarded", camera = %f.camera, viewer = %f.viewer, from = %f.from);
+                let (shared, cluster) = (shared.clone(), cluster.clone());
+                tasks.spawn(
+                    async move {
+                        let reply = answer_forwarded(&shared, &f).await;
+                        cluster.answer(&f.from, f.session, reply).await;
+                    }
+                    .instrument(span),
+                );
+            }
+            Some(Inbound::Intro(f)) => {
+                cluster
+                    .answer(&f.from, f.session, cluster::Reply::Timeout)
+                    .await;
+            }
+            Some(Inbound::Evict { conn, code, .. }) => {
+                if let Some(link) = lock(&shared.cameras).get(&conn) {
+                    close_conn(
+                        &link.conn,
+                        code,
+                        "camera ID claimed elsewhere in the cluster",
+                    );
+                }
+            }
+        }
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
 }
