@@ -1,0 +1,220 @@
+//! Cluster mode: rendezvous nodes sharing presence and introductions through a real Redis.
+//! Every test starts its own `redis-server` (skipped with a message when it is not
+//! installed, a failure under CI).
+
+use std::time::{Duration, Instant};
+
+use peercam_certs::Role;
+use peercam_tests::cluster::{start_node, CrashableNode, RedisServer};
+use peercam_tests::*;
+use peercam_viewer::ViewError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn metrics(rdv: &peercam_rendezvous::Handle) -> String {
+    let addr = rdv.admin_addr().expect("admin listener");
+    let mut s = within(5, "admin connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    within(5, "metrics", s.read_to_string(&mut out))
+        .await
+        .expect("read");
+    out
+}
+
+async fn frames_via(pki: &Pki, rdv: std::net::SocketAddr, viewer: &str, camera: &str) -> u64 {
+    let mut config = viewer_config(pki, viewer, rdv, camera);
+    config.max_frames = Some(5);
+    watch(config)
+        .await
+        .unwrap_or_else(|e| panic!("{viewer} watches {camera} via {rdv}: {e}"))
+        .frames
+}
+
+#[tokio::test]
+async fn camera_on_node_a_is_watched_through_node_b() {
+    init_tracing();
+    let Some(redis) = RedisServer::start_or_skip("camera_on_node_a_is_watched_through_node_b")
+    else {
+        return;
+    };
+    let pki = Pki::new();
+    let a = start_node(&pki, &redis, "node-a").await;
+    let b = start_node(&pki, &redis, "node-b").await;
+    let cam = start_camera(&pki, "cam-1", a.local_addr(), &["alice"]).await;
+    assert_eq!(b.cameras_online(), 0, "the camera is connected to A only");
+
+    assert_eq!(frames_via(&pki, b.local_addr(), "alice", "cam-1").await, 5);
+
+    let (ma, mb) = (metrics(&a).await, metrics(&b).await);
+    assert!(
+        mb.contains("peercam_cluster_forwarded_total{direction=\"out\"} 1\n"),
+        "{mb}"
+    );
+    assert!(
+        mb.contains("peercam_connects_total{outcome=\"ok\"} 1\n"),
+        "{mb}"
+    );
+    assert!(
+        ma.contains("peercam_cluster_forwarded_total{direction=\"in\"} 1\n"),
+        "{ma}"
+    );
+    assert!(ma.contains("peercam_cluster_redis_up 1\n"), "{ma}");
+    cam.shutdown();
+    a.shutdown();
+    b.shutdown();
+}
+
+#[tokio::test]
+async fn unknown_and_forbidden_cameras_answer_alike_across_nodes() {
+    init_tracing();
+    let Some(redis) = RedisServer::start_or_skip("unknown_and_forbidden_answer_alike") else {
+        return;
+    };
+    let pki = Pki::new();
+    let a = start_node(&pki, &redis, "node-a").await;
+    let b = start_node(&pki, &redis, "node-b").await;
+    let cam = start_camera(&pki, "cam-1", a.local_addr(), &["alice"]).await;
+    let forbidden = watch(viewer_config(&pki, "mallory", b.local_addr(), "cam-1")).await;
+    let unknown = watch(viewer_config(&pki, "mallory", b.local_addr(), "cam-9")).await;
+    assert!(
+        matches!(forbidden, Err(ViewError::NotAllowed { .. })),
+        "{forbidden:?}"
+    );
+    assert!(
+        matches!(unknown, Err(ViewError::NotAllowed { .. })),
+        "{unknown:?}"
+    );
+    let mb = metrics(&b).await;
+    assert!(
+        mb.contains("peercam_cluster_forwarded_total{direction=\"out\"} 0\n"),
+        "a forbidden viewer is refused on its own node, the camera never hears of it: {mb}"
+    );
+    cam.shutdown();
+    a.shutdown();
+    b.shutdown();
+}
+
+#[tokio::test]
+async fn second_key_for_an_id_held_on_another_node_is_refused() {
+    init_tracing();
+    let Some(redis) = RedisServer::start_or_skip("second_key_on_another_node") else {
+        return;
+    };
+    let pki = Pki::new();
+    let a = start_node(&pki, &redis, "node-a").await;
+    let b = start_node(&pki, &redis, "node-b").await;
+    let genuine = start_camera(&pki, "cam-1", a.local_addr(), &["alice"]).await;
+    // Same CA, same ID, another key (a cloned provisioning), on the other node.
+    let config = camera_config(
+        &pki,
+        pki.creds(Role::Camera, "cam-1"),
+        b.local_addr(),
+        &["eve"],
+    );
+    let clone = peercam_camera_agent::start(config)
+        .await
+        .expect("agent starts");
+    let mut status = clone.watch_status();
+    let s = within(
+        10,
+        "the clone is refused",
+        status.wait_for(|s| s.last_error.is_some()),
+    )
+    .await
+    .expect("status")
+    .clone();
+    assert_eq!(s.registrations, 0, "the clone must never register");
+    let err = s.last_error.unwrap_or_default();
+    assert!(err.contains("another key"), "{err}");
+    assert_eq!(b.cameras_online(), 0);
+    // The holder was not displaced: alice still reaches it through either node.
+    assert_eq!(frames_via(&pki, b.local_addr(), "alice", "cam-1").await, 5);
+    assert_eq!(frames_via(&pki, a.local_addr(), "alice", "cam-1").await, 5);
+    clone.shutdown();
+    genuine.shutdown();
+    a.shutdown();
+    b.shutdown();
+}
+
+#[tokio::test]
+async fn camera_fails_over_to_node_b_when_node_a_shuts_down() {
+    init_tracing();
+    let Some(redis) = RedisServer::start_or_skip("camera_fails_over") else {
+        return;
+    };
+    let pki = Pki::new();
+    let a = start_node(&pki, &redis, "node-a").await;
+    let b = start_node(&pki, &redis, "node-b").await;
+    let mut config = camera_config(
+        &pki,
+        pki.creds(Role::Camera, "cam-1"),
+        a.local_addr(),
+        &["alice"],
+    );
+    config.rendezvous.push(rdv_addr(b.local_addr()));
+    let cam = peercam_camera_agent::start(config)
+        .await
+        .expect("camera starts");
+    wait_registrations(&cam, 1).await;
+    assert_eq!(a.cameras_online(), 1);
+    assert_eq!(frames_via(&pki, b.local_addr(), "alice", "cam-1").await, 5);
+
+    a.shutdown();
+    a.join().await;
+    wait_registrations(&cam, 2).await;
+    assert_eq!(b.cameras_online(), 1, "the camera moved to B");
+    assert_eq!(frames_via(&pki, b.local_addr(), "alice", "cam-1").await, 5);
+    cam.shutdown();
+    b.shutdown();
+}
+
+#[tokio::test]
+async fn presence_of_a_crashed_node_expires() {
+    init_tracing();
+    let Some(redis) = RedisServer::start_or_skip("presence_of_a_crashed_node_expires") else {
+        return;
+    };
+    let pki = Pki::new();
+    let mut a = CrashableNode::start(&pki, &redis, "node-a");
+    let b = start_node(&pki, &redis, "node-b").await;
+    let cam = start_camera(&pki, "cam-1", a.local_addr(), &["alice"]).await;
+    let (presence, node_key) = ("peercam:cam:{cam-1}", "peercam:node:node-a");
+    within(5, "node A's liveness key", async {
+        while !redis.exists(node_key) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(redis.exists(presence), "cam-1 is present while A runs");
+
+    a.crash();
+    let crashed = Instant::now();
+    // Before the TTL runs out, B already knows nobody listens for cam-1: "offline" at
+    // once, not a wait for the introduction timeout.
+    let early = watch(viewer_config(&pki, "alice", b.local_addr(), "cam-1")).await;
+    assert!(matches!(early, Err(ViewError::Offline { .. })), "{early:?}");
+    assert!(
+        crashed.elapsed() < Duration::from_secs(1),
+        "answered promptly"
+    );
+    assert!(redis.exists(presence), "nobody deleted it: the TTL must");
+
+    within(5, "presence and node keys expire (TTL 2 s)", async {
+        while redis.exists(presence) || redis.exists(node_key) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        crashed.elapsed() >= Duration::from_millis(500),
+        "expired by TTL, not deleted"
+    );
+    // The ID stays pinned to its key: the owner record outlives the presence.
+    assert!(redis.exists("peercam:owner:{cam-1}"));
+    cam.shutdown();
+    b.shutdown();
+}
