@@ -732,7 +732,7 @@ async fn listen(cluster: &Cluster, pubsub: redis::aio::PubSub, cancel: &Cancella
                 }
             },
             _ = ping.tick() => {
-                let pong = tokio::time::timeout(cluster.config.redis_timeout, sink.ping::<String>()).await;
+                let pong = tokio::time::timeout(cluster.config.redis_timeout, sink.ping::<redis::Value>()).await;
                 if !matches!(pong, Ok(Ok(_))) {
                     cluster.redis_failed("subscription", &"ping failed");
                     return false;
