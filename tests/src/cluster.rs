@@ -15,7 +15,7 @@ use crate::{any_port, Pki};
 pub struct RedisServer {
     child: Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -46,23 +46,11 @@ impl RedisServer {
                 .and_then(|l| l.local_addr())
                 .expect("free port")
                 .port();
-            let mut child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
+            let mut child = spawn(port, dir.path());
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if ping(port) {
-                    return RedisServer {
-                        child,
-                        port,
-                        _dir: dir,
-                    };
+                    return RedisServer { child, port, dir };
                 }
                 if child.try_wait().ok().flatten().is_some() {
                     break; // the port was taken meanwhile: try another
@@ -73,6 +61,22 @@ impl RedisServer {
             let _ = child.wait();
         }
         panic!("redis-server did not start on a loopback port");
+    }
+
+    /// Kills the server (an outage); [`RedisServer::resume`] starts it again, empty.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port after [`RedisServer::kill`].
+    pub fn resume(&mut self) {
+        self.child = spawn(self.port, self.dir.path());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ping(self.port) {
+            assert!(Instant::now() < deadline, "redis-server did not restart");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -101,6 +105,18 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn(port: u16, dir: &std::path::Path) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn redis-server")
 }
 
 fn ping(port: u16) -> bool {

@@ -11,11 +11,15 @@ use peercam_viewer::ViewError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn metrics(rdv: &peercam_rendezvous::Handle) -> String {
+    admin_get(rdv, "/metrics").await
+}
+
+async fn admin_get(rdv: &peercam_rendezvous::Handle, path: &str) -> String {
     let addr = rdv.admin_addr().expect("admin listener");
     let mut s = within(5, "admin connect", tokio::net::TcpStream::connect(addr))
         .await
         .expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
         .await
         .expect("write");
     let mut out = String::new();
@@ -63,6 +67,11 @@ async fn camera_on_node_a_is_watched_through_node_b() {
         "{ma}"
     );
     assert!(ma.contains("peercam_cluster_redis_up 1\n"), "{ma}");
+    // A while later (several refresh and subscription-ping periods), still no Redis error.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for m in [metrics(&a).await, metrics(&b).await] {
+        assert!(m.contains("peercam_cluster_redis_errors_total 0\n"), "{m}");
+    }
     cam.shutdown();
     a.shutdown();
     b.shutdown();
@@ -216,5 +225,45 @@ async fn presence_of_a_crashed_node_expires() {
     // The ID stays pinned to its key: the owner record outlives the presence.
     assert!(redis.exists("peercam:owner:{cam-1}"));
     cam.shutdown();
+    b.shutdown();
+}
+
+#[tokio::test]
+async fn nodes_keep_serving_local_cameras_while_redis_is_down_and_rejoin_after() {
+    init_tracing();
+    let Some(mut redis) = RedisServer::start_or_skip("redis_outage") else {
+        return;
+    };
+    let pki = Pki::new();
+    let a = start_node(&pki, &redis, "node-a").await;
+    let b = start_node(&pki, &redis, "node-b").await;
+    let cam = start_camera(&pki, "cam-1", a.local_addr(), &["alice"]).await;
+
+    redis.kill();
+    // The camera's own node still introduces it; a new camera still registers.
+    assert_eq!(frames_via(&pki, a.local_addr(), "alice", "cam-1").await, 5);
+    let cam2 = start_camera(&pki, "cam-2", a.local_addr(), &["alice"]).await;
+    assert_eq!(frames_via(&pki, a.local_addr(), "alice", "cam-2").await, 5);
+    let ma = metrics(&a).await;
+    assert!(ma.contains("peercam_cluster_redis_up 0\n"), "{ma}");
+    assert!(
+        !ma.contains("peercam_cluster_redis_errors_total 0\n"),
+        "{ma}"
+    );
+    let ready = admin_get(&a, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "still serving: {ready}");
+
+    // Redis comes back empty: the refresh puts both cameras back, B reaches them again.
+    redis.resume();
+    within(10, "presence restored after the outage", async {
+        while !(redis.exists("peercam:cam:{cam-1}") && redis.exists("peercam:cam:{cam-2}")) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(frames_via(&pki, b.local_addr(), "alice", "cam-2").await, 5);
+    cam.shutdown();
+    cam2.shutdown();
+    a.shutdown();
     b.shutdown();
 }
