@@ -267,3 +267,27 @@ async fn nodes_keep_serving_local_cameras_while_redis_is_down_and_rejoin_after()
     a.shutdown();
     b.shutdown();
 }
+
+#[tokio::test]
+async fn cross_node_session_can_use_the_relay_of_the_viewers_node() {
+    init_tracing();
+    let Some(redis) = RedisServer::start_or_skip("cross_node_relay") else {
+        return;
+    };
+    let pki = Pki::new();
+    let a = start_node(&pki, &redis, "node-a").await;
+    let b = start_node(&pki, &redis, "node-b").await;
+    let cam = start_camera(&pki, "cam-1", a.local_addr(), &["alice"]).await;
+    let mut config = viewer_config(&pki, "alice", b.local_addr(), "cam-1");
+    config.relay = peercam_viewer::RelayMode::Only;
+    config.max_frames = Some(10);
+    let summary = watch(config).await.expect("relayed through node B");
+    assert_eq!(summary.path, "relay");
+    assert_eq!(summary.frames, 10);
+    let (ma, mb) = (metrics(&a).await, metrics(&b).await);
+    assert!(mb.contains("peercam_relay_sessions_total 1\n"), "{mb}");
+    assert!(ma.contains("peercam_relay_sessions_total 0\n"), "{ma}");
+    cam.shutdown();
+    a.shutdown();
+    b.shutdown();
+}
