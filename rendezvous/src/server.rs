@@ -260,7 +260,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     let probe_addr = probe.as_ref().and_then(|ep| ep.local_addr().ok());
     let pin = config.limits.registry.pin;
     let cluster = match config.limits.cluster.clone() {
-        Some(c) => Some(Cluster::start(c, pin)?),
+        Some(c) => Some(Cluster::new(c, pin)?),
         None => None,
     };
     let shared = Arc::new(Shared {

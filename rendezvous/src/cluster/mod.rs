@@ -13,7 +13,11 @@
 //! not be claimed are claimed by the next refresh (and closed then if another key holds
 //! the ID). What is in Redis is decoded as untrusted input ([`record`]).
 
+mod driver;
 pub mod record;
+mod scripts;
+
+pub use driver::Driver;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,16 +26,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use peercam_common::backoff::Backoff;
-use peercam_common::rdv::{close, RelayOffer};
+use peercam_common::rdv::RelayOffer;
 use peercam_common::{CameraId, SessionId, ViewerId};
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use record::{keys, VERSION};
 pub use record::{NodeId, Presence, Reply, Signal};
+use scripts::Scripts;
 
 /// Forwarded introductions this node handles at once; more are answered `Timeout`.
 pub const MAX_INBOUND: usize = 256;
@@ -168,6 +171,7 @@ pub struct Cluster {
     config: ClusterConfig,
     pin: Duration,
     redis: ConnectionManager,
+    scripts: Scripts,
     url: String,
     local: Mutex<HashMap<CameraId, Local>>,
     waiting: Mutex<HashMap<SessionId, oneshot::Sender<Reply>>>,
@@ -184,13 +188,6 @@ impl std::fmt::Debug for Cluster {
             .field("redis", &self.url)
             .finish_non_exhaustive()
     }
-}
-
-/// The tasks of cluster mode, to be run by the server until shutdown.
-pub struct Driver {
-    cluster: Arc<Cluster>,
-    client: redis::Client,
-    writes: mpsc::Receiver<Write>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -221,42 +218,11 @@ fn redacted(url: &str) -> String {
     }
 }
 
-/// Claims the ID (fails if another key holds it) and writes the presence record.
-/// KEYS: presence, owner. ARGV: owner tag, record, presence TTL ms, key hex, owner TTL ms.
-const CLAIM: &str = r"
-local o = redis.call('GET', KEYS[2])
-if o and o ~= ARGV[4] then return 0 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'rec', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
-return 1
-";
-
-/// Like CLAIM, but only while this connection still holds the record (or nobody does):
-/// 1 refreshed, 0 another connection holds it, -1 another key holds the ID.
-const REFRESH: &str = r"
-local o = redis.call('GET', KEYS[2])
-if o and o ~= ARGV[4] then return -1 end
-local cur = redis.call('HGET', KEYS[1], 'owner')
-if cur and cur ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'rec', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
-return 1
-";
-
-/// Deletes the record if this connection holds it; keeps the ID pinned for the pin time.
-/// KEYS: presence, owner. ARGV: owner tag, key hex, pin ms.
-const RELEASE: &str = r"
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
-if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
-return 1
-";
-
 impl Cluster {
-    /// Prepares cluster mode (no connection yet: Redis may be down at start). `pin` is how
-    /// long a camera ID stays held by its key after the camera left (the registry's pin).
-    pub fn start(
+    /// Prepares cluster mode (no connection yet: Redis may be down at start); the server
+    /// runs the returned [`Driver`] and serves the [`Inbound`] receiver. `pin` is how long
+    /// a camera ID stays held by its key after the camera left (the registry's pin).
+    pub fn new(
         config: ClusterConfig,
         pin: Duration,
     ) -> Result<(Arc<Cluster>, Driver, mpsc::Receiver<Inbound>), ClusterError> {
@@ -275,6 +241,7 @@ impl Cluster {
             config,
             pin,
             redis,
+            scripts: Scripts::new(),
             local: Mutex::default(),
             waiting: Mutex::default(),
             writes,
@@ -340,7 +307,7 @@ impl Cluster {
     async fn run_script(
         &self,
         what: &str,
-        script: &str,
+        script: &redis::Script,
         camera: &CameraId,
         record: &Presence,
     ) -> Option<i64> {
@@ -352,7 +319,6 @@ impl Cluster {
                 return None;
             }
         };
-        let script = redis::Script::new(script);
         let mut inv = script.key(keys::presence(camera));
         inv.key(keys::owner(camera))
             .arg(tag)
@@ -388,7 +354,10 @@ impl Cluster {
     /// Claims `camera` for the registration described by `record` (whose `node` must be
     /// this node) and starts refreshing it.
     pub async fn claim(&self, camera: &CameraId, record: Presence) -> Claim {
-        let outcome = match self.run_script("claim", CLAIM, camera, &record).await {
+        let outcome = match self
+            .run_script("claim", &self.scripts.claim, camera, &record)
+            .await
+        {
             Some(1) => Claim::Claimed,
             Some(_) => return Claim::Taken,
             None => Claim::Deferred,
@@ -600,23 +569,16 @@ impl Cluster {
             None => return,
         };
         let conn = record.conn;
-        match self.run_script("refresh", REFRESH, &camera, &record).await {
-            Some(-1) => {
-                warn!(%camera, "cluster: another key holds this camera ID; closing the camera");
-                self.evict(&camera, conn, close::ID_TAKEN);
-            }
-            Some(0) => {
-                info!(%camera, "cluster: the camera registered again elsewhere; closing this connection");
-                self.evict(&camera, conn, close::REPLACED);
-            }
-            _ => {}
+        let answer = self.run_script("refresh", &self.scripts.refresh, &camera, &record);
+        if let Some(code) = answer.await.and_then(scripts::refresh_verdict) {
+            warn!(%camera, code, "cluster: the camera ID is held elsewhere now; closing this connection");
+            self.evict(&camera, conn, code);
         }
     }
 
     async fn release_now(&self, camera: &CameraId, conn: u64, key_hex: Option<String>) {
         let tag = keys::owner_tag(&self.config.node, conn);
-        let script = redis::Script::new(RELEASE);
-        let mut inv = script.key(keys::presence(camera));
+        let mut inv = self.scripts.release.key(keys::presence(camera));
         inv.key(keys::owner(camera))
             .arg(tag)
             .arg(key_hex.unwrap_or_default())
@@ -658,86 +620,23 @@ impl Cluster {
     }
 }
 
-impl Driver {
-    /// Runs the subscriber and the refresher until `cancel`, then leaves the cluster.
-    pub async fn run(mut self, cancel: CancellationToken) {
-        let cluster = self.cluster.clone();
-        let subscriber = subscribe_loop(cluster.clone(), self.client.clone(), cancel.clone());
-        let refresher = async {
-            let mut tick = tokio::time::interval(cluster.config.refresh_every());
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tick.tick() => cluster.refresh_all().await,
-                    Some(write) = self.writes.recv() => match write {
-                        Write::Release { camera, conn, key } => {
-                            cluster.release_now(&camera, conn, key).await
-                        }
-                        Write::Refresh { camera } => cluster.refresh_one(camera).await,
-                    },
-                }
-            }
-            cluster.leave().await;
-        };
-        tokio::join!(subscriber, refresher);
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn subscribe_loop(cluster: Arc<Cluster>, client: redis::Client, cancel: CancellationToken) {
-    let channel = keys::channel(&cluster.config.node);
-    let limit = cluster.config.redis_timeout;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let subscribed = tokio::time::timeout(limit, async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        })
-        .await;
-        match subscribed {
-            Ok(Ok(pubsub)) => {
-                backoff.reset();
-                cluster.redis_ok();
-                info!(%channel, "cluster: listening for forwarded introductions");
-                if listen(&cluster, pubsub, &cancel).await {
-                    return;
-                }
-            }
-            Ok(Err(e)) => cluster.redis_failed("subscribe", &e),
-            Err(_) => cluster.redis_failed("subscribe", &"timed out"),
-        }
-        let delay = backoff.next_delay(rand::random::<f64>());
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        let shown = redacted("redis://:s3cret@10.0.0.5:6379/0");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("10.0.0.5:6379"), "{shown}");
+        assert_eq!(redacted("not a url"), "(unparsable URL)");
     }
-}
 
-/// Receives signals until the connection fails (false) or `cancel` (true). Pings the
-/// subscription connection every refresh period so a silently dead one is noticed.
-async fn listen(cluster: &Cluster, pubsub: redis::aio::PubSub, cancel: &CancellationToken) -> bool {
-    let (mut sink, mut stream) = pubsub.split();
-    let mut ping = tokio::time::interval(cluster.config.refresh_every());
-    ping.tick().await;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return true,
-            msg = stream.next() => match msg {
-                Some(msg) => cluster.on_message(msg.get_payload_bytes()),
-                None => {
-                    cluster.redis_failed("subscription", &"connection closed");
-                    return false;
-                }
-            },
-            _ = ping.tick() => {
-                let pong = tokio::time::timeout(cluster.config.redis_timeout, sink.ping::<redis::Value>()).await;
-                if !matches!(pong, Ok(Ok(_))) {
-                    cluster.redis_failed("subscription", &"ping failed");
-                    return false;
-                }
-            }
-        }
+    #[test]
+    fn refresh_runs_three_times_per_shortest_ttl() {
+        let mut c = ClusterConfig::new("redis://h", NodeId::new("a").unwrap());
+        assert_eq!(c.refresh_every(), Duration::from_secs(5));
+        c.presence_ttl = Duration::from_millis(150);
+        assert_eq!(c.refresh_every(), Duration::from_millis(100), "floor");
     }
 }
