@@ -94,6 +94,15 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Number of subscribers of `channel` (a node listens on `peercam:chan:<node>`).
+    pub fn subscribers(&self, channel: &str) -> u64 {
+        let out = self.cli(&["PUBSUB", "NUMSUB", channel]);
+        out.lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Whether `key` exists.
     pub fn exists(&self, key: &str) -> bool {
         self.cli(&["EXISTS", key]) == "1"

@@ -13,6 +13,10 @@ use tracing::info;
 
 use super::{keys, Cluster, Write};
 
+/// Longest wait between two subscription attempts: introductions for this node's cameras
+/// fail ("offline") while it is not subscribed, so it retries often.
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
+
 /// The tasks of cluster mode, to be run by the server until shutdown.
 pub struct Driver {
     pub(super) cluster: Arc<Cluster>,
@@ -49,7 +53,7 @@ impl Driver {
 async fn subscribe_loop(cluster: Arc<Cluster>, client: redis::Client, cancel: CancellationToken) {
     let channel = keys::channel(&cluster.config.node);
     let limit = cluster.config.redis_timeout;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff = Backoff::new(Duration::from_millis(100), RESUBSCRIBE_MAX);
     loop {
         let subscribed = tokio::time::timeout(limit, async {
             let mut pubsub = client.get_async_pubsub().await?;

@@ -253,13 +253,23 @@ async fn nodes_keep_serving_local_cameras_while_redis_is_down_and_rejoin_after()
     let ready = admin_get(&a, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "still serving: {ready}");
 
-    // Redis comes back empty: the refresh puts both cameras back, B reaches them again.
+    // Redis comes back empty: the refresh puts both cameras back and both nodes listen
+    // again (the subscriber reconnects with backoff, at most 2 s apart); then B reaches
+    // the camera registered during the outage.
     redis.resume();
-    within(10, "presence restored after the outage", async {
-        while !(redis.exists("peercam:cam:{cam-1}") && redis.exists("peercam:cam:{cam-2}")) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
+    within(
+        10,
+        "presence and subscriptions restored after the outage",
+        async {
+            while !(redis.exists("peercam:cam:{cam-1}")
+                && redis.exists("peercam:cam:{cam-2}")
+                && redis.subscribers("peercam:chan:node-a") == 1
+                && redis.subscribers("peercam:chan:node-b") == 1)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
     .await;
     assert_eq!(frames_via(&pki, b.local_addr(), "alice", "cam-2").await, 5);
     cam.shutdown();
