@@ -65,7 +65,9 @@ fn fast_limits() -> peercam_rendezvous::Limits {
 }
 
 async fn run(n: usize) -> anyhow::Result<()> {
-    peercam_tests::init_tracing();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
     let Some(redis) = RedisServer::start_or_skip("cluster-bench") else {
         anyhow::bail!("needs redis-server");
     };
@@ -103,13 +105,31 @@ async fn run(n: usize) -> anyhow::Result<()> {
         ("cluster, camera on the same node", a.local_addr()),
         ("cluster, cross-node (B -> A)", b.local_addr()),
     ];
-    for (name, rdv) in setups {
-        let intro = introductions(&pki, rdv, n).await?;
-        row(&format!("{name}: introduction"), intro);
+    // Samples of the set-ups are interleaved, so that load from elsewhere on the machine
+    // weighs on all of them alike.
+    let mut intro = vec![Vec::with_capacity(n); setups.len()];
+    let mut rdv_conns = Vec::new();
+    for (_, rdv) in &setups {
+        rdv_conns.push(RdvClient::connect(&pki, *rdv).await?);
     }
-    for (name, rdv) in setups {
-        let connect = connects(&pki, rdv, n).await?;
-        row(&format!("{name}: connect"), connect);
+    for i in 0..n {
+        for (k, client) in rdv_conns.iter_mut().enumerate() {
+            intro[k].push(client.introduce(i).await?);
+            tokio::time::sleep(PACE).await;
+        }
+    }
+    let mut connect = vec![Vec::with_capacity(n); setups.len()];
+    for i in 0..n {
+        for (k, (_, rdv)) in setups.iter().enumerate() {
+            connect[k].push(probe(&pki, *rdv, i).await?);
+            tokio::time::sleep(PACE).await;
+        }
+    }
+    for ((name, _), samples) in setups.iter().zip(intro) {
+        row(&format!("{name}: introduction"), samples);
+    }
+    for ((name, _), samples) in setups.iter().zip(connect) {
+        row(&format!("{name}: connect"), samples);
     }
     for cam in &cameras {
         cam.shutdown();
@@ -125,47 +145,54 @@ fn camera(i: usize) -> anyhow::Result<CameraId> {
     Ok(CameraId::new(&format!("cam-{}", i % CAMERAS))?)
 }
 
-/// `Connect` → `PeerReady` round trips on one rendezvous connection.
-async fn introductions(pki: &Pki, rdv: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>> {
-    let creds = pki.creds(Role::Viewer, "bench");
-    let tls = tls::client_config(&creds, &pki.trust(), Expect::Rendezvous, rdv::ALPN)?;
-    let client = quic::quic_client(tls, quic::rendezvous_transport())?;
-    let endpoint = quic::bind_endpoint(any_port(), None)?.endpoint;
-    let local = endpoint.local_addr()?;
-    let conn = endpoint.connect_with(client, rdv, "127.0.0.1")?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let ask = ToRendezvous::Connect {
-            camera: camera(i)?,
-            local_addrs: vec![local],
-        };
-        let t = Instant::now();
-        frame::write(&mut send, &ask).await?;
-        let reply = tokio::time::timeout(Duration::from_secs(5), frame::read(&mut recv)).await??;
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        match reply {
-            Some(FromRendezvous::PeerReady { .. }) => samples.push(ms),
-            other => anyhow::bail!("introduction {i} via {rdv}: {other:?}"),
-        }
-        tokio::time::sleep(PACE).await;
-    }
-    conn.close(0u32.into(), b"done");
-    Ok(samples)
+/// A viewer's rendezvous connection, kept open for `Connect` → `PeerReady` round trips.
+struct RdvClient {
+    endpoint: quinn::Endpoint,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    rdv: SocketAddr,
 }
 
-/// Full `viewer ping` probes: new socket, rendezvous, introduction, camera handshake.
-async fn connects(pki: &Pki, rdv: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>> {
-    let creds = pki.creds(Role::Viewer, "bench");
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let config =
-            peercam_tests::viewer_config_with(pki, creds.clone(), rdv, camera(i)?.as_str());
-        let probe = peercam_viewer::probe(&config).await?;
-        samples.push(probe.connect_ms);
-        tokio::time::sleep(PACE).await;
+impl RdvClient {
+    async fn connect(pki: &Pki, rdv: SocketAddr) -> anyhow::Result<Self> {
+        let creds = pki.creds(Role::Viewer, "bench");
+        let tls = tls::client_config(&creds, &pki.trust(), Expect::Rendezvous, rdv::ALPN)?;
+        let client = quic::quic_client(tls, quic::rendezvous_transport())?;
+        let endpoint = quic::bind_endpoint(any_port(), None)?.endpoint;
+        let conn = endpoint.connect_with(client, rdv, "127.0.0.1")?.await?;
+        let (send, recv) = conn.open_bi().await?;
+        Ok(RdvClient {
+            endpoint,
+            send,
+            recv,
+            rdv,
+        })
     }
-    Ok(samples)
+
+    /// One introduction to camera `i`, in milliseconds.
+    async fn introduce(&mut self, i: usize) -> anyhow::Result<f64> {
+        let ask = ToRendezvous::Connect {
+            camera: camera(i)?,
+            local_addrs: vec![self.endpoint.local_addr()?],
+        };
+        let t = Instant::now();
+        frame::write(&mut self.send, &ask).await?;
+        let read = frame::read(&mut self.recv);
+        let reply = tokio::time::timeout(Duration::from_secs(5), read).await??;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        match reply {
+            Some(FromRendezvous::PeerReady { .. }) => Ok(ms),
+            other => anyhow::bail!("introduction {i} via {}: {other:?}", self.rdv),
+        }
+    }
+}
+
+/// One `viewer ping` probe to camera `i`: new socket, rendezvous, introduction, camera
+/// handshake; start to verified connection in milliseconds.
+async fn probe(pki: &Pki, rdv: SocketAddr, i: usize) -> anyhow::Result<f64> {
+    let creds = pki.creds(Role::Viewer, "bench");
+    let config = peercam_tests::viewer_config_with(pki, creds, rdv, camera(i)?.as_str());
+    Ok(peercam_viewer::probe(&config).await?.connect_ms)
 }
 
 fn row(name: &str, mut samples: Vec<f64>) {
