@@ -301,3 +301,37 @@ async fn cross_node_session_can_use_the_relay_of_the_viewers_node() {
     a.shutdown();
     b.shutdown();
 }
+
+#[tokio::test]
+async fn a_camera_whose_id_was_claimed_by_another_key_is_closed_at_the_next_refresh() {
+    init_tracing();
+    let Some(redis) = RedisServer::start_or_skip("claimed_by_another_key") else {
+        return;
+    };
+    let pki = Pki::new();
+    let a = start_node(&pki, &redis, "node-a").await;
+    let cam = start_camera(&pki, "cam-1", a.local_addr(), &["alice"]).await;
+    // What Redis holds after another key claimed the ID while node A could not reach it.
+    assert_eq!(
+        redis.cli(&["SET", "peercam:owner:{cam-1}", &"ab".repeat(32)]),
+        "OK"
+    );
+    let mut status = cam.watch_status();
+    let s = within(
+        5,
+        "the camera is closed and refused",
+        status.wait_for(|s| {
+            s.registered.is_none()
+                && s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("another key"))
+        }),
+    )
+    .await
+    .expect("status")
+    .clone();
+    assert_eq!(s.registrations, 1);
+    assert_eq!(a.cameras_online(), 0);
+    cam.shutdown();
+    a.shutdown();
+}
