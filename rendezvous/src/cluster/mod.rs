@@ -80,7 +80,7 @@ impl ClusterConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// The Redis URL is not valid.
-    #[error("bad Redis URL in the cluster settings: {0}")]
+    #[error("cluster.redis is not a usable Redis URL (expected redis://[:password@]host:port)")]
     Url(#[source] redis::RedisError),
 }
 
@@ -623,6 +623,24 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_bad_url_is_refused_at_start_without_redis() {
+        let node = NodeId::new("a").unwrap();
+        let err = Cluster::new(
+            ClusterConfig::new("http://h:1", node.clone()),
+            Duration::ZERO,
+        )
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains("cluster.redis"), "{err}");
+        // A good URL needs no reachable server to start (nothing listens on port 1).
+        assert!(Cluster::new(
+            ClusterConfig::new("redis://127.0.0.1:1", node),
+            Duration::ZERO
+        )
+        .is_ok());
+    }
 
     #[test]
     fn passwords_never_reach_the_logs() {
