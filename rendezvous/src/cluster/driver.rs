@@ -16,6 +16,8 @@ use super::{keys, Cluster, Write};
 /// Longest wait between two subscription attempts: introductions for this node's cameras
 /// fail ("offline") while it is not subscribed, so it retries often.
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
+/// How often a node probes Redis while it is unreachable.
+const RECONNECT_PROBE: Duration = Duration::from_millis(250);
 
 /// The tasks of cluster mode, to be run by the server until shutdown.
 pub struct Driver {
@@ -32,10 +34,19 @@ impl Driver {
         let refresher = async {
             let mut tick = tokio::time::interval(cluster.config.refresh_every());
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut probe = tokio::time::interval(RECONNECT_PROBE);
+            probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => cluster.refresh_all().await,
+                    // While Redis is away, probe it often, so that the connection is back
+                    // (and deferred claims are made) before a viewer needs it.
+                    _ = probe.tick(), if !cluster.redis_up() => {
+                        if cluster.ping().await {
+                            cluster.refresh_all().await;
+                        }
+                    }
                     Some(write) = self.writes.recv() => match write {
                         Write::Release { camera, conn, key } => {
                             cluster.release_now(&camera, conn, key).await

@@ -21,7 +21,7 @@ pub use driver::Driver;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -134,6 +134,9 @@ pub enum Claim {
     Deferred,
 }
 
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct ClusterStats {
@@ -147,7 +150,8 @@ pub struct ClusterStats {
     pub redis_errors: AtomicU64,
     /// Values read from Redis that were rejected (oversized, malformed).
     pub bad_values: AtomicU64,
-    up: AtomicBool,
+    /// Redis state: [`UP`], [`DOWN`], or 0 before the first exchange.
+    state: AtomicU8,
 }
 
 struct Local {
@@ -263,18 +267,18 @@ impl Cluster {
 
     /// Whether the last Redis exchange worked.
     pub fn redis_up(&self) -> bool {
-        self.stats.up.load(Ordering::Relaxed)
+        self.stats.state.load(Ordering::Relaxed) == UP
     }
 
     fn redis_ok(&self) {
-        if !self.stats.up.swap(true, Ordering::Relaxed) {
+        if self.stats.state.swap(UP, Ordering::Relaxed) != UP {
             info!(redis = %self.url, node = %self.config.node, "cluster: Redis reachable");
         }
     }
 
     fn redis_failed(&self, what: &str, error: &dyn std::fmt::Display) {
         self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-        if self.stats.up.swap(false, Ordering::Relaxed) {
+        if self.stats.state.swap(DOWN, Ordering::Relaxed) != DOWN {
             warn!(redis = %self.url, %error, what,
                 "cluster: Redis unreachable; serving local cameras only until it is back");
         } else {
@@ -302,6 +306,15 @@ impl Cluster {
                 None
             }
         }
+    }
+
+    /// Pings Redis through the command connection (which reconnects after a failure).
+    async fn ping(&self) -> bool {
+        let mut c = self.redis.clone();
+        let cmd = redis::cmd("PING");
+        self.call("ping", cmd.query_async::<String>(&mut c))
+            .await
+            .is_some()
     }
 
     async fn run_script(
