@@ -80,7 +80,9 @@ async fn camera_on_node_a_is_watched_through_node_b() {
 #[tokio::test]
 async fn unknown_and_forbidden_cameras_answer_alike_across_nodes() {
     init_tracing();
-    let Some(redis) = RedisServer::start_or_skip("unknown_and_forbidden_answer_alike") else {
+    let Some(redis) =
+        RedisServer::start_or_skip("unknown_and_forbidden_cameras_answer_alike_across_nodes")
+    else {
         return;
     };
     let pki = Pki::new();
@@ -110,7 +112,9 @@ async fn unknown_and_forbidden_cameras_answer_alike_across_nodes() {
 #[tokio::test]
 async fn second_key_for_an_id_held_on_another_node_is_refused() {
     init_tracing();
-    let Some(redis) = RedisServer::start_or_skip("second_key_on_another_node") else {
+    let Some(redis) =
+        RedisServer::start_or_skip("second_key_for_an_id_held_on_another_node_is_refused")
+    else {
         return;
     };
     let pki = Pki::new();
@@ -152,7 +156,9 @@ async fn second_key_for_an_id_held_on_another_node_is_refused() {
 #[tokio::test]
 async fn camera_fails_over_to_node_b_when_node_a_shuts_down() {
     init_tracing();
-    let Some(redis) = RedisServer::start_or_skip("camera_fails_over") else {
+    let Some(redis) =
+        RedisServer::start_or_skip("camera_fails_over_to_node_b_when_node_a_shuts_down")
+    else {
         return;
     };
     let pki = Pki::new();
@@ -231,7 +237,9 @@ async fn presence_of_a_crashed_node_expires() {
 #[tokio::test]
 async fn nodes_keep_serving_local_cameras_while_redis_is_down_and_rejoin_after() {
     init_tracing();
-    let Some(mut redis) = RedisServer::start_or_skip("redis_outage") else {
+    let Some(mut redis) = RedisServer::start_or_skip(
+        "nodes_keep_serving_local_cameras_while_redis_is_down_and_rejoin_after",
+    ) else {
         return;
     };
     let pki = Pki::new();
@@ -281,7 +289,9 @@ async fn nodes_keep_serving_local_cameras_while_redis_is_down_and_rejoin_after()
 #[tokio::test]
 async fn cross_node_session_can_use_the_relay_of_the_viewers_node() {
     init_tracing();
-    let Some(redis) = RedisServer::start_or_skip("cross_node_relay") else {
+    let Some(redis) =
+        RedisServer::start_or_skip("cross_node_session_can_use_the_relay_of_the_viewers_node")
+    else {
         return;
     };
     let pki = Pki::new();
@@ -305,7 +315,9 @@ async fn cross_node_session_can_use_the_relay_of_the_viewers_node() {
 #[tokio::test]
 async fn a_camera_whose_id_was_claimed_by_another_key_is_closed_at_the_next_refresh() {
     init_tracing();
-    let Some(redis) = RedisServer::start_or_skip("claimed_by_another_key") else {
+    let Some(redis) = RedisServer::start_or_skip(
+        "a_camera_whose_id_was_claimed_by_another_key_is_closed_at_the_next_refresh",
+    ) else {
         return;
     };
     let pki = Pki::new();
