@@ -32,14 +32,17 @@ impl Driver {
         let cluster = self.cluster.clone();
         let subscriber = subscribe_loop(cluster.clone(), self.client.clone(), cancel.clone());
         let refresher = async {
-            let mut tick = tokio::time::interval(cluster.config.refresh_every());
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut node_tick = tokio::time::interval(cluster.config.node_every());
+            node_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut presence_tick = tokio::time::interval(cluster.config.presence_every());
+            presence_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut probe = tokio::time::interval(RECONNECT_PROBE);
             probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
-                    _ = tick.tick() => cluster.refresh_all().await,
+                    _ = node_tick.tick() => cluster.refresh_node().await,
+                    _ = presence_tick.tick() => cluster.refresh_presence().await,
                     // While Redis is away, probe it often, so that the connection is back
                     // (and deferred claims are made) before a viewer needs it.
                     _ = probe.tick(), if !cluster.redis_up() => {
@@ -93,10 +96,10 @@ async fn subscribe_loop(cluster: Arc<Cluster>, client: redis::Client, cancel: Ca
 }
 
 /// Receives signals until the connection fails (false) or `cancel` (true). Pings the
-/// subscription connection every refresh period so a silently dead one is noticed.
+/// subscription connection every node-key period so a silently dead one is noticed.
 async fn listen(cluster: &Cluster, pubsub: redis::aio::PubSub, cancel: &CancellationToken) -> bool {
     let (mut sink, mut stream) = pubsub.split();
-    let mut ping = tokio::time::interval(cluster.config.refresh_every());
+    let mut ping = tokio::time::interval(cluster.config.node_every());
     ping.tick().await;
     loop {
         tokio::select! {

@@ -41,6 +41,8 @@ pub const MAX_INBOUND: usize = 256;
 /// Queued presence writes (releases, access list changes) before new ones are dropped
 /// (the refresh and the TTL repair what a dropped write leaves).
 const MAX_WRITES: usize = 1024;
+/// Shortest refresh period, whatever the TTLs.
+const MIN_PERIOD: Duration = Duration::from_millis(100);
 /// Presence records refreshed concurrently.
 const REFRESH_CONCURRENCY: usize = 32;
 
@@ -71,8 +73,14 @@ impl ClusterConfig {
         }
     }
 
-    fn refresh_every(&self) -> Duration {
-        (self.presence_ttl.min(self.node_ttl) / 3).max(Duration::from_millis(100))
+    /// How often presence records are rewritten: three times per TTL.
+    fn presence_every(&self) -> Duration {
+        (self.presence_ttl / 3).max(MIN_PERIOD)
+    }
+
+    /// How often the node key is rewritten and the subscription pinged.
+    fn node_every(&self) -> Duration {
+        (self.node_ttl / 3).max(MIN_PERIOD)
     }
 }
 
@@ -601,6 +609,11 @@ impl Cluster {
     }
 
     async fn refresh_all(&self) {
+        self.refresh_node().await;
+        self.refresh_presence().await;
+    }
+
+    async fn refresh_node(&self) {
         let mut c = self.redis.clone();
         let set = redis::AsyncCommands::pset_ex::<_, _, ()>(
             &mut c,
@@ -609,6 +622,9 @@ impl Cluster {
             ms(self.config.node_ttl),
         );
         let _ = self.call("node key", set).await;
+    }
+
+    async fn refresh_presence(&self) {
         let cameras: Vec<CameraId> = lock(&self.local).keys().cloned().collect();
         futures_util::stream::iter(cameras)
             .for_each_concurrent(REFRESH_CONCURRENCY, |camera| self.refresh_one(camera))
@@ -664,10 +680,11 @@ mod tests {
     }
 
     #[test]
-    fn refresh_runs_three_times_per_shortest_ttl() {
+    fn refreshes_run_three_times_per_ttl() {
         let mut c = ClusterConfig::new("redis://h", NodeId::new("a").unwrap());
-        assert_eq!(c.refresh_every(), Duration::from_secs(5));
+        assert_eq!(c.presence_every(), Duration::from_secs(10));
+        assert_eq!(c.node_every(), Duration::from_secs(5));
         c.presence_ttl = Duration::from_millis(150);
-        assert_eq!(c.refresh_every(), Duration::from_millis(100), "floor");
+        assert_eq!(c.presence_every(), Duration::from_millis(100), "floor");
     }
 }
