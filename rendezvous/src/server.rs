@@ -261,9 +261,9 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         None => None,
     };
     let probe_addr = probe.as_ref().and_then(|ep| ep.local_addr().ok());
-    let pin = config.limits.registry.pin;
+    let (pin, remember) = (config.limits.registry.pin, config.limits.registry.remember);
     let cluster = match config.limits.cluster.clone() {
-        Some(c) => Some(Cluster::new(c, pin)?),
+        Some(c) => Some(Cluster::new(c, pin, remember)?),
         None => None,
     };
     let shared = Arc::new(Shared {

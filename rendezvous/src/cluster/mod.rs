@@ -131,6 +131,15 @@ pub struct Forwarded {
     pub relay: Option<RelayOffer>,
 }
 
+/// What Redis knows of a camera that is not connected to this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Connected to another node.
+    Online(Presence),
+    /// Connected nowhere; this was its last record (its `at_ms` is when it was last seen).
+    Seen(Presence),
+}
+
 /// Result of a claim at registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -182,6 +191,7 @@ enum Write {
 pub struct Cluster {
     config: ClusterConfig,
     pin: Duration,
+    remember: Duration,
     redis: ConnectionManager,
     scripts: Scripts,
     url: String,
@@ -233,10 +243,12 @@ fn redacted(url: &str) -> String {
 impl Cluster {
     /// Prepares cluster mode (no connection yet: Redis may be down at start); the server
     /// runs the returned [`Driver`] and serves the [`Inbound`] receiver. `pin` is how long
-    /// a camera ID stays held by its key after the camera left (the registry's pin).
+    /// a camera ID stays held by its key after the camera left (the registry's pin),
+    /// `remember` how long it is answered as "offline" (the registry's memory).
     pub fn new(
         config: ClusterConfig,
         pin: Duration,
+        remember: Duration,
     ) -> Result<(Arc<Cluster>, Driver, mpsc::Receiver<Inbound>), ClusterError> {
         let client = redis::Client::open(config.redis.as_str()).map_err(ClusterError::Url)?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
@@ -252,6 +264,7 @@ impl Cluster {
             url: redacted(&config.redis),
             config,
             pin,
+            remember,
             redis,
             scripts: Scripts::new(),
             local: Mutex::default(),
@@ -342,11 +355,13 @@ impl Cluster {
         };
         let mut inv = script.key(keys::presence(camera));
         inv.key(keys::owner(camera))
+            .key(keys::seen(camera))
             .arg(tag)
             .arg(bytes)
             .arg(ms(self.config.presence_ttl))
             .arg(record.key.to_string())
-            .arg(ms(self.pin + self.config.presence_ttl));
+            .arg(ms(self.pin + self.config.presence_ttl))
+            .arg(ms(self.remember));
         let mut conn = self.redis.clone();
         self.call(what, inv.invoke_async(&mut conn)).await
     }
@@ -419,22 +434,31 @@ impl Cluster {
         });
     }
 
-    /// The presence record of `camera` on another node, if any (errors: none).
-    pub async fn lookup(&self, camera: &CameraId) -> Option<Presence> {
+    /// What Redis knows of `camera` (errors and bad values: nothing): online on another
+    /// node, or its last record if it is online nowhere.
+    pub async fn lookup(&self, camera: &CameraId) -> Option<Found> {
         let mut conn = self.redis.clone();
-        let key = keys::presence(camera);
-        let raw: Option<Vec<u8>> = self
-            .call("lookup", redis::AsyncCommands::hget(&mut conn, key, "rec"))
-            .await?;
-        let record = match Presence::decode(&raw?) {
-            Ok(r) => r,
+        let mut pipe = redis::pipe();
+        pipe.hget(keys::presence(camera), "rec")
+            .get(keys::seen(camera));
+        let (online, seen): (Option<Vec<u8>>, Option<Vec<u8>>) =
+            self.call("lookup", pipe.query_async(&mut conn)).await?;
+        if let Some(raw) = online {
+            let record = self.decode(camera, &raw)?;
+            return (record.node != self.config.node).then_some(Found::Online(record));
+        }
+        Some(Found::Seen(self.decode(camera, &seen?)?))
+    }
+
+    fn decode(&self, camera: &CameraId, raw: &[u8]) -> Option<Presence> {
+        match Presence::decode(raw) {
+            Ok(r) => Some(r),
             Err(e) => {
                 self.stats.bad_values.fetch_add(1, Ordering::Relaxed);
                 warn!(%camera, error = %e, "cluster: ignoring a bad presence record");
-                return None;
+                None
             }
-        };
-        (record.node != self.config.node).then_some(record)
+        }
     }
 
     /// Forwards an introduction to the node in `to` and waits (at most `timeout`) for the
@@ -659,6 +683,7 @@ mod tests {
         let err = Cluster::new(
             ClusterConfig::new("http://h:1", node.clone()),
             Duration::ZERO,
+            Duration::ZERO,
         )
         .err()
         .expect("refused");
@@ -666,7 +691,8 @@ mod tests {
         // A good URL needs no reachable server to start (nothing listens on port 1).
         assert!(Cluster::new(
             ClusterConfig::new("redis://127.0.0.1:1", node),
-            Duration::ZERO
+            Duration::ZERO,
+            Duration::ZERO,
         )
         .is_ok());
     }

@@ -89,6 +89,12 @@ pub mod keys {
         format!("{PREFIX}:cam:{{{camera}}}")
     }
 
+    /// The camera's last presence record, kept after it left (for "offline, last seen"
+    /// answers to viewers it allowed).
+    pub fn seen(camera: &CameraId) -> String {
+        format!("{PREFIX}:seen:{{{camera}}}")
+    }
+
     /// The key fingerprint (hex) that holds the camera ID, kept for the pin period.
     pub fn owner(camera: &CameraId) -> String {
         format!("{PREFIX}:owner:{{{camera}}}")
@@ -379,6 +385,7 @@ mod tests {
         let node = NodeId::new("a").unwrap();
         assert_eq!(keys::presence(&cam), "peercam:cam:{cam-1}");
         assert_eq!(keys::owner(&cam), "peercam:owner:{cam-1}");
+        assert_eq!(keys::seen(&cam), "peercam:seen:{cam-1}");
         assert_eq!(keys::node(&node), "peercam:node:a");
         assert_eq!(keys::channel(&node), "peercam:chan:a");
         assert_eq!(keys::owner_tag(&node, 12), "a/12");

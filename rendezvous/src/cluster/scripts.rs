@@ -1,18 +1,21 @@
 //! The Lua scripts that decide, inside Redis and atomically, who holds a camera ID and
 //! whose presence record stands; and what their answers mean for this node (pure).
 //!
-//! Keys of every script: the camera's presence hash and its owner key (same hash slot).
+//! Keys of the scripts: the camera's presence hash, its owner key and its last-seen
+//! record (one hash slot).
 
 use peercam_common::rdv::close;
 
 /// Claims the ID (fails if another key holds it) and writes the presence record.
-/// KEYS: presence, owner. ARGV: owner tag, record, presence TTL ms, key hex, owner TTL ms.
+/// KEYS: presence, owner, seen. ARGV: owner tag, record, presence TTL ms, key hex,
+/// owner TTL ms, seen TTL ms.
 pub(super) const CLAIM: &str = r"
 local o = redis.call('GET', KEYS[2])
 if o and o ~= ARGV[4] then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'rec', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[6])
 return 1
 ";
 
@@ -26,10 +29,12 @@ if cur and cur ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'rec', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[6])
 return 1
 ";
 
-/// Deletes the record if this connection holds it; keeps the ID pinned for the pin time.
+/// Deletes the record if this connection holds it; keeps the ID pinned for the pin time
+/// (the last-seen record stays for its own TTL).
 /// KEYS: presence, owner. ARGV: owner tag, key hex, pin ms.
 pub(super) const RELEASE: &str = r"
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -82,7 +87,7 @@ mod tests {
         for script in [CLAIM, REFRESH, RELEASE] {
             for line in script.lines().filter(|l| l.contains("redis.call")) {
                 assert!(line.contains("KEYS["), "{line}");
-                assert!(!line.contains("KEYS[3]"), "{line}");
+                assert!(!line.contains("KEYS[4]"), "{line}");
             }
         }
     }

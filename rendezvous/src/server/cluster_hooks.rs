@@ -45,13 +45,21 @@ pub(super) async fn remote_introduce(
     camera: &CameraId,
     viewer_local: &[SocketAddr],
 ) -> Option<FromRendezvous> {
-    let presence = cluster.lookup(camera).await?;
     let m = &shared.metrics;
+    let refused = |reason| FromRendezvous::Refused { reason };
+    let (presence, online) = match cluster.lookup(camera).await? {
+        cluster::Found::Online(p) => (p, true),
+        cluster::Found::Seen(p) => (p, false),
+    };
+    // As on one node: unknown and forbidden alike, "offline" only to allowed viewers.
     if !presence.allows(viewer) {
         Metrics::inc(&m.connects_unavailable);
-        return Some(FromRendezvous::Refused {
-            reason: Refusal::Unavailable,
-        });
+        return Some(refused(Refusal::Unavailable));
+    }
+    if !online {
+        Metrics::inc(&m.connects_offline);
+        let last_seen_secs = presence.age_secs(cluster::now_ms());
+        return Some(refused(Refusal::Offline { last_seen_secs }));
     }
     let relay = allocate_relay(shared, viewer_conn, presence.observed.ip()).await;
     let session = SessionId::random();
@@ -69,7 +77,6 @@ pub(super) async fn remote_introduce(
         }),
     };
     let reply = cluster.forward(&presence.node, intro, shared.limits.intro_timeout);
-    let refused = |reason| FromRendezvous::Refused { reason };
     let (counter, answer) = match reply.await {
         cluster::Reply::Accepted {
             camera_observed,

@@ -104,7 +104,24 @@ async fn unknown_and_forbidden_cameras_answer_alike_across_nodes() {
         mb.contains("peercam_cluster_forwarded_total{direction=\"out\"} 0\n"),
         "a forbidden viewer is refused on its own node, the camera never hears of it: {mb}"
     );
+    // Once the camera left: "offline" to alice, still "unknown or not allowed" to mallory.
     cam.shutdown();
+    within(5, "cam-1 leaves the cluster", async {
+        while redis.exists("peercam:cam:{cam-1}") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let offline = watch(viewer_config(&pki, "alice", b.local_addr(), "cam-1")).await;
+    assert!(
+        matches!(offline, Err(ViewError::Offline { .. })),
+        "{offline:?}"
+    );
+    let forbidden = watch(viewer_config(&pki, "mallory", b.local_addr(), "cam-1")).await;
+    assert!(
+        matches!(forbidden, Err(ViewError::NotAllowed { .. })),
+        "{forbidden:?}"
+    );
     a.shutdown();
     b.shutdown();
 }
@@ -228,8 +245,16 @@ async fn presence_of_a_crashed_node_expires() {
         crashed.elapsed() >= Duration::from_millis(500),
         "expired by TTL, not deleted"
     );
-    // The ID stays pinned to its key: the owner record outlives the presence.
+    // The ID stays pinned to its key: the owner record outlives the presence; and viewers
+    // the camera allowed still learn it is offline, others that it is unknown.
     assert!(redis.exists("peercam:owner:{cam-1}"));
+    let later = watch(viewer_config(&pki, "alice", b.local_addr(), "cam-1")).await;
+    assert!(matches!(later, Err(ViewError::Offline { .. })), "{later:?}");
+    let other = watch(viewer_config(&pki, "mallory", b.local_addr(), "cam-1")).await;
+    assert!(
+        matches!(other, Err(ViewError::NotAllowed { .. })),
+        "{other:?}"
+    );
     cam.shutdown();
     b.shutdown();
 }
