@@ -9,7 +9,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 failed=0
-for target in rdv_messages media_headers annexb config_and_certs; do
+for target in rdv_messages media_headers annexb config_and_certs cluster_records; do
   if cargo fuzz run -O "$target" -- -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 \
       >"target/fuzz-$target.log" 2>&1; then
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "target/fuzz-$target.log" | grep -o '[0-9]*$' || true)

@@ -12,6 +12,8 @@ use peercam_certs::Role;
 use peercam_common::tls::{Credentials, DenyList, TlsError, Trust};
 use serde::Deserialize;
 
+use crate::cluster::record::BadNodeId;
+use crate::cluster::{ClusterConfig, NodeId};
 use crate::server::{Config, Limits};
 
 /// Default UDP port of a rendezvous.
@@ -64,6 +66,38 @@ pub struct FileConfig {
     /// Revoked certificates, as SHA-256 fingerprints (`certs inspect` prints them).
     #[serde(default)]
     pub revoked_certs: Vec<String>,
+    /// Cluster mode: share presence and introductions with other nodes through Redis
+    /// (default off: a single node with its registry in memory).
+    pub cluster: Option<ClusterFile>,
+}
+
+/// The `[cluster]` table, e.g. `cluster = { redis = "redis://10.0.0.5:6379", node_id = "rdv-1" }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// Redis (or Valkey) URL, e.g. `redis://127.0.0.1:6379`; a password goes in the URL
+    /// (`redis://:secret@host:6379`) and is never logged.
+    pub redis: String,
+    /// This node's name, unique in the cluster (`a-z 0-9 - . _`, at most 64).
+    pub node_id: String,
+    /// Seconds a camera's presence outlives its node's last refresh (default 30).
+    pub presence_ttl_secs: Option<u64>,
+    /// Seconds the node's liveness key outlives its last refresh (default 15).
+    pub node_ttl_secs: Option<u64>,
+}
+
+impl ClusterFile {
+    fn resolve(&self) -> Result<ClusterConfig, ConfigError> {
+        let node = NodeId::new(&self.node_id)?;
+        let mut config = ClusterConfig::new(self.redis.clone(), node);
+        if let Some(s) = self.presence_ttl_secs {
+            config.presence_ttl = Duration::from_secs(s.max(1));
+        }
+        if let Some(s) = self.node_ttl_secs {
+            config.node_ttl = Duration::from_secs(s.max(1));
+        }
+        Ok(config)
+    }
 }
 
 /// Errors in the configuration.
@@ -78,6 +112,9 @@ pub enum ConfigError {
     /// Certificates could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The cluster node ID breaks the rules.
+    #[error("cluster.node_id: {0}")]
+    NodeId(#[from] BadNodeId),
 }
 
 impl FileConfig {
@@ -140,6 +177,11 @@ impl FileConfig {
             }
         }
         limits.relay_public_ip = self.relay_public_ip;
+        limits.cluster = self
+            .cluster
+            .as_ref()
+            .map(ClusterFile::resolve)
+            .transpose()?;
         Ok(Config {
             listen,
             credentials: Credentials::load(cert, key, Role::Rendezvous)?,
@@ -165,6 +207,33 @@ mod tests {
         assert!(err.contains("r.toml"), "{err}");
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn cluster_table_is_read_and_node_id_checked() {
+        let text = "cluster = { redis = \"redis://127.0.0.1:6379\", node_id = \"rdv-1\", presence_ttl_secs = 9 }\n";
+        let file = FileConfig::parse(text, Path::new("r.toml")).unwrap();
+        let cluster = file.cluster.as_ref().unwrap().resolve().unwrap();
+        assert_eq!(cluster.node.as_str(), "rdv-1");
+        assert_eq!(cluster.presence_ttl, Duration::from_secs(9));
+        assert_eq!(cluster.node_ttl, Duration::from_secs(15));
+        let bad = "[cluster]\nredis = \"redis://h\"\nnode_id = \"Node A\"\n";
+        let file = FileConfig::parse(bad, Path::new("r.toml")).unwrap();
+        let err = file
+            .cluster
+            .as_ref()
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cluster.node_id") && err.contains("Node A"),
+            "{err}"
+        );
+        assert!(
+            FileConfig::default().cluster.is_none(),
+            "single node by default"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod registry;
 pub mod relay;

@@ -185,6 +185,12 @@ impl Registry {
         }
     }
 
+    /// The camera's connection, if it is online (no access check, no rate limit: for
+    /// introductions another cluster node already checked).
+    pub fn online(&self, camera: &CameraId) -> Option<&Online> {
+        self.cameras.get(camera)?.online.as_ref()
+    }
+
     /// Whether `viewer` may view `camera` according to the registered access list.
     pub fn allowed(&self, viewer: &ViewerId, camera: &CameraId) -> bool {
         self.cameras

@@ -28,8 +28,12 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::admin::{self, Metrics};
+use crate::cluster::{self, Cluster};
 use crate::registry::{ConnId, Online, RegisterError, Registry, RegistryLimits};
 use crate::relay::{Allocation, Peers, Relay, RelayLimits};
+
+mod cluster_hooks;
+use cluster_hooks::{cluster_claim, cluster_inbound, remote_introduce};
 
 /// Limits and timeouts of the server.
 #[derive(Debug, Clone)]
@@ -60,6 +64,9 @@ pub struct Limits {
     /// Address the relay advertises, when the listen address is not the public one (a
     /// cloud VM behind 1:1 NAT). Default: the address a viewer's packets arrived on.
     pub relay_public_ip: Option<IpAddr>,
+    /// Cluster mode (presence and introductions shared through Redis); `None`: a single
+    /// node with its registry in memory, the default.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl Default for Limits {
@@ -76,6 +83,7 @@ impl Default for Limits {
             admin_listen: None,
             relay: Some(RelayLimits::default()),
             relay_public_ip: None,
+            cluster: None,
         }
     }
 }
@@ -107,6 +115,9 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The cluster settings are not usable.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// A running rendezvous server.
@@ -183,6 +194,7 @@ struct Shared {
     handshaking: AtomicUsize,
     metrics: Metrics,
     limits: Limits,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -249,6 +261,11 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         None => None,
     };
     let probe_addr = probe.as_ref().and_then(|ep| ep.local_addr().ok());
+    let (pin, remember) = (config.limits.registry.pin, config.limits.registry.remember);
+    let cluster = match config.limits.cluster.clone() {
+        Some(c) => Some(Cluster::new(c, pin, remember)?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         listen: local_addr,
         probe_port: probe_addr.map(|a| a.port()),
@@ -260,6 +277,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         handshaking: AtomicUsize::new(0),
         metrics: Metrics::default(),
         limits: config.limits,
+        cluster: cluster.as_ref().map(|(c, ..)| c.clone()),
     });
     let cancel = CancellationToken::new();
     let admin = match shared.limits.admin_listen {
@@ -275,13 +293,24 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         let (for_scrape, for_ready) = (shared.clone(), cancel.clone());
         admin::serve(
             listener,
-            move || admin::render(&for_scrape.metrics, for_scrape.gauges()),
+            move || {
+                let mut text = admin::render(&for_scrape.metrics, for_scrape.gauges());
+                if let Some(c) = &for_scrape.cluster {
+                    text.push_str(&c.render_metrics());
+                }
+                text
+            },
             move || !for_ready.is_cancelled(),
             cancel.clone(),
         )
     });
     let main_loop = accept_loop(endpoint, shared.clone(), cancel.clone());
     let probe_loop = probe.map(|ep| accept_loop(ep, shared.clone(), cancel.clone()));
+    let cluster_loop = cluster.map(|(_, driver, inbound)| {
+        let inbound = cluster_inbound(shared.clone(), inbound, cancel.clone());
+        let driver = driver.run(cancel.clone());
+        async { tokio::join!(driver, inbound) }
+    });
     let task = tokio::spawn(
         async move {
             let probe = async {
@@ -294,7 +323,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                     a.await
                 }
             };
-            tokio::join!(main_loop, probe, admin);
+            let cluster = async {
+                if let Some(c) = cluster_loop {
+                    c.await;
+                }
+            };
+            tokio::join!(main_loop, probe, admin, cluster);
         }
         .instrument(info_span!("rendezvous", listen = %local_addr)),
     );
@@ -436,17 +470,27 @@ async fn camera_session(
     };
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let observed = canonical(conn.remote_address());
-    let registered = shared.registry().register(
-        Instant::now(),
-        &camera,
-        peer.key,
-        access.into_iter().collect(),
-        Online {
-            conn: conn_id,
-            observed,
-            local: local_addrs,
-        },
-    );
+    let online = Online {
+        conn: conn_id,
+        observed,
+        local: local_addrs,
+    };
+    let registered = match &shared.cluster {
+        Some(c) => cluster_claim(c, &camera, peer.key, &online, &access).await,
+        None => Ok(()),
+    }
+    .and_then(|()| {
+        shared.registry().register(
+            Instant::now(),
+            &camera,
+            peer.key,
+            access.into_iter().collect(),
+            online,
+        )
+    });
+    if let (Err(_), Some(c)) = (&registered, &shared.cluster) {
+        c.release(&camera, conn_id);
+    }
     match registered {
         Ok(Some(old)) => {
             if let Some(link) = lock(&shared.cameras).remove(&old) {
@@ -522,6 +566,9 @@ async fn camera_session(
     shared
         .registry()
         .unregister(Instant::now(), &camera, conn_id);
+    if let Some(c) = &shared.cluster {
+        c.release(&camera, conn_id);
+    }
     info!(reason, "camera unregistered");
 }
 
@@ -543,6 +590,9 @@ fn camera_message(
         ToRendezvous::SetAccess { access } => {
             if access.len() > MAX_ACCESS_LIST {
                 return Err("access list too long");
+            }
+            if let Some(c) = &shared.cluster {
+                c.set_access(camera, conn_id, access.clone());
             }
             shared
                 .registry()
@@ -617,6 +667,17 @@ async fn introduce(
     let online = match looked_up {
         Ok(online) => online,
         Err(reason) => {
+            let remote = shared
+                .cluster
+                .as_ref()
+                .filter(|_| !matches!(reason, Refusal::RateLimited { .. }));
+            if let Some(c) = remote {
+                let remote =
+                    remote_introduce(shared, c, viewer_conn, viewer, &camera, &viewer_local);
+                if let Some(reply) = remote.await {
+                    return reply;
+                }
+            }
             debug!(%camera, ?reason, "connect refused");
             let m = &shared.metrics;
             Metrics::inc(match reason {
@@ -638,16 +699,8 @@ async fn introduce(
             reason: Refusal::Offline { last_seen_secs: 0 },
         };
     };
-    let relay = allocate_relay(shared, viewer_conn, &camera_conn).await;
+    let relay = allocate_relay(shared, viewer_conn, camera_conn.remote_address().ip()).await;
     let session = SessionId::random();
-    let (reply, answer) = oneshot::channel();
-    lock(&shared.pending).insert(
-        session,
-        Pending {
-            camera_conn: online.conn,
-            reply,
-        },
-    );
     let intro = FromRendezvous::Introduce {
         session,
         viewer: viewer.clone(),
@@ -659,16 +712,7 @@ async fn introduce(
             token: a.token,
         }),
     };
-    let outcome = if tx.try_send(intro).is_ok() {
-        tokio::time::timeout(shared.limits.intro_timeout, answer)
-            .await
-            .ok()
-            .and_then(Result::ok)
-    } else {
-        None // the camera's queue is full: it is not keeping up
-    };
-    lock(&shared.pending).remove(&session);
-    match outcome {
+    match ask_camera(shared, online.conn, &tx, session, intro).await {
         Some(Answer::Accepted(camera_local)) => {
             Metrics::inc(&shared.metrics.connects_ok);
             info!(%camera, %session, "introduced");
@@ -698,12 +742,35 @@ async fn introduce(
     }
 }
 
+/// Sends an introduction to a camera connected here and waits for its answer (`None`:
+/// no answer in time, or its queue is full because it is not keeping up).
+async fn ask_camera(
+    shared: &Shared,
+    camera_conn: ConnId,
+    tx: &mpsc::Sender<FromRendezvous>,
+    session: SessionId,
+    intro: FromRendezvous,
+) -> Option<Answer> {
+    let (reply, answer) = oneshot::channel();
+    lock(&shared.pending).insert(session, Pending { camera_conn, reply });
+    let outcome = if tx.try_send(intro).is_ok() {
+        tokio::time::timeout(shared.limits.intro_timeout, answer)
+            .await
+            .ok()
+            .and_then(Result::ok)
+    } else {
+        None
+    };
+    lock(&shared.pending).remove(&session);
+    outcome
+}
+
 /// Allocates a relay session for this introduction, when the relay is enabled and both
 /// peers use the relay's address family.
 async fn allocate_relay(
     shared: &Shared,
     viewer_conn: &quinn::Connection,
-    camera_conn: &quinn::Connection,
+    camera_ip: IpAddr,
 ) -> Option<Allocation> {
     let relay = shared.relay.as_ref()?;
     let ip = if shared.listen.ip().is_unspecified() {
@@ -713,7 +780,7 @@ async fn allocate_relay(
     };
     let peers = Peers {
         viewer_ip: viewer_conn.remote_address().ip().to_canonical(),
-        camera_ip: camera_conn.remote_address().ip().to_canonical(),
+        camera_ip: camera_ip.to_canonical(),
     };
     if peers.viewer_ip.is_ipv4() != ip.is_ipv4() || peers.camera_ip.is_ipv4() != ip.is_ipv4() {
         return None;

@@ -1,10 +1,12 @@
 //! Test support for peercam's end-to-end tests: a fresh CA per test, and rendezvous,
 //! cameras and viewers started in-process on 127.0.0.1 port 0, every wait bounded.
 //!
-//! Also locates the real binaries (for CLI tests) and runs ffprobe on received video.
+//! Also starts a real Redis for cluster tests ([`cluster`]), locates the real binaries
+//! (for CLI tests) and runs ffprobe on received video.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
 pub mod lab;
 pub mod live;
 pub mod matrix;

@@ -4,6 +4,7 @@
 
 mod access;
 mod cli;
+mod cluster;
 mod identity;
 mod live;
 mod nat;
