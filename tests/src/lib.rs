@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod lab;
+pub mod load;
 pub mod matrix;
 
 use std::future::Future;
