@@ -222,8 +222,12 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         ALPN,
     )?;
     let server = quic::quic_server(tls, quic::rendezvous_transport())?;
-    let endpoint =
-        quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
+    let endpoint = quic::endpoint_with_buffers(
+        config.listen,
+        Some(server),
+        quic::RENDEZVOUS_SOCKET_BUFFER,
+    )
+    .map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
         })?;
@@ -242,8 +246,9 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                 )?,
                 quic::rendezvous_transport(),
             )?;
-            let ep = quinn::Endpoint::server(server, addr)
-                .map_err(|source| StartError::Bind { addr, source })?;
+            let ep =
+                quic::endpoint_with_buffers(addr, Some(server), quic::RENDEZVOUS_SOCKET_BUFFER)
+                    .map_err(|source| StartError::Bind { addr, source })?;
             Some(ep)
         }
         None => None,

@@ -45,6 +45,10 @@ struct Cli {
     /// Let the rendezvous offer relay sessions with each introduction.
     #[arg(long)]
     relay: bool,
+    /// An extra line for the rendezvous' TOML config (repeatable), e.g.
+    /// `--rdv-config 'retry_threshold = 0'`.
+    #[arg(long = "rdv-config")]
+    rdv_config: Vec<String>,
     /// The rendezvous binary [default: next to this one].
     #[arg(long)]
     rendezvous: Option<PathBuf>,
@@ -80,6 +84,7 @@ fn run(cli: Cli) -> Result<()> {
     opts.inflight = cli.inflight;
     opts.viewer_conns = cli.viewer_conns;
     opts.relay = cli.relay;
+    opts.extra_config = cli.rdv_config;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let report = runtime.block_on(load::run(&opts))?;
     print!("{}", report.text());

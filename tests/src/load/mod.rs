@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use peercam_certs::Role;
-use peercam_common::ViewerId;
+use peercam_common::{quic, ViewerId};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,8 @@ pub struct Options {
     /// Offer relay sessions (the rendezvous' default); off by default so that brokering
     /// is measured without socket allocations capped at 1000 sessions.
     pub relay: bool,
+    /// Extra lines for the rendezvous' TOML config (experiments, e.g. `retry_threshold = 0`).
+    pub extra_config: Vec<String>,
 }
 
 impl Options {
@@ -73,6 +75,7 @@ impl Options {
             viewer_conns: 16,
             restart: false,
             relay: false,
+            extra_config: Vec::new(),
         }
     }
 }
@@ -164,7 +167,10 @@ pub async fn run(opts: &Options) -> Result<Report> {
     report.rdv_idle = rdv.sample()?;
 
     let endpoints = (0..opts.endpoints.max(1))
-        .map(|_| quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .map(|_| {
+            let any = SocketAddr::from(([127, 0, 0, 1], 0));
+            quic::endpoint_with_buffers(any, None, quic::RENDEZVOUS_SOCKET_BUFFER)
+        })
         .collect::<std::io::Result<Vec<_>>>()?;
     let fleet = Arc::new(Fleet::default());
     let gate = Arc::new(Semaphore::new(opts.inflight.max(1)));
@@ -310,7 +316,7 @@ fn write_config(
     let (cert, key) = pki.files(Role::Rendezvous, "rdv");
     // One viewer identity issues every connect: let its rate limit follow the load.
     let rate = (opts.connect_rate * 2.0).max(100.0);
-    let text = format!(
+    let mut text = format!(
         "listen = \"{listen}\"\nadmin_listen = \"{admin}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
          probe = false\nrelay = {}\nlookup_rate = {rate}\nlookup_burst = {rate}\n",
         pki.ca_path().display(),
@@ -318,6 +324,10 @@ fn write_config(
         key.display(),
         opts.relay,
     );
+    for line in &opts.extra_config {
+        text.push_str(line);
+        text.push('\n');
+    }
     let path = pki.dir.path().join("rendezvous.toml");
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -345,7 +355,11 @@ impl Report {
     pub fn text(&self) -> String {
         let mut s = String::new();
         let mib = |k: u64| k as f64 / 1024.0;
-        let _ = writeln!(s, "cameras                      {}", self.cameras);
+        let _ = writeln!(
+            s,
+            "cameras                      {} (identities made in {:.1} s)",
+            self.cameras, self.identities_secs
+        );
         let _ = writeln!(
             s,
             "registration                 {:.0}/s ({:.1} s for all, {} failed attempts, rendezvous CPU {:.0}% of one core)",
