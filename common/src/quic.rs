@@ -44,7 +44,23 @@ pub fn rendezvous_transport() -> TransportConfig {
         .stream_receive_window(VarInt::from_u32(128 * 1024))
         .receive_window(VarInt::from_u32(256 * 1024))
         .send_window(256 * 1024)
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        // Control messages are small: no MTU probes (packets every few minutes per
+        // connection) and one datagram per transmit, so quinn's per-connection send
+        // buffer stays one packet long instead of a GSO batch (`BENCHMARKS.md`).
+        .mtu_discovery_config(None)
+        .enable_segmentation_offload(false);
+    t
+}
+
+/// Transport for the rendezvous' side of rendezvous connections: as
+/// [`rendezvous_transport`], but the rendezvous sends no keep-alives of its own. The
+/// client's keep-alive every 10 s already holds its NAT mapping open and keeps the
+/// connection from idling out on both ends; the server's own pings doubled the packets
+/// per idle connection (`BENCHMARKS.md`, keep-alive cost).
+pub fn rendezvous_server_transport() -> TransportConfig {
+    let mut t = rendezvous_transport();
+    t.keep_alive_interval(None);
     t
 }
 

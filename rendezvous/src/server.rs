@@ -158,7 +158,9 @@ impl Handle {
 }
 
 struct CameraLink {
-    tx: mpsc::Sender<FromRendezvous>,
+    /// Boxed: a bounded tokio channel allocates a block of 32 slots up front, which for
+    /// `FromRendezvous` itself was ~4.7 KB per registered camera (`BENCHMARKS.md`).
+    tx: mpsc::Sender<Box<FromRendezvous>>,
     conn: quinn::Connection,
 }
 
@@ -221,16 +223,13 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         &[Role::Camera, Role::Viewer],
         ALPN,
     )?;
-    let server = quic::quic_server(tls, quic::rendezvous_transport())?;
-    let endpoint = quic::endpoint_with_buffers(
-        config.listen,
-        Some(server),
-        quic::RENDEZVOUS_SOCKET_BUFFER,
-    )
-    .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let server = quic::quic_server(tls, quic::rendezvous_server_transport())?;
+    let endpoint =
+        quic::endpoint_with_buffers(config.listen, Some(server), quic::RENDEZVOUS_SOCKET_BUFFER)
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
     let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
         addr: config.listen,
         source,
@@ -244,7 +243,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
                     &[Role::Camera, Role::Viewer],
                     ALPN,
                 )?,
-                quic::rendezvous_transport(),
+                quic::rendezvous_server_transport(),
             )?;
             let ep =
                 quic::endpoint_with_buffers(addr, Some(server), quic::RENDEZVOUS_SOCKET_BUFFER)
@@ -407,6 +406,13 @@ async fn handle_incoming(
     }
 }
 
+/// Messages queued towards one camera (introductions) before it counts as not keeping up.
+const CAMERA_QUEUE: usize = 32;
+
+/// Sessions a viewer connection may hold unreported; older ones are forgotten (a viewer
+/// that never reports only loses its own metrics).
+const MAX_UNREPORTED: usize = 16;
+
 fn check_addrs(addrs: &[SocketAddr]) -> Result<(), String> {
     if addrs.len() > MAX_LOCAL_ADDRS {
         return Err(format!("more than {MAX_LOCAL_ADDRS} local addresses"));
@@ -478,7 +484,7 @@ async fn camera_session(
         }
         Err(RegisterError::Full) => return close_conn(&conn, close::BUSY, "registry full"),
     }
-    let (tx, mut rx) = mpsc::channel::<FromRendezvous>(32);
+    let (tx, mut rx) = mpsc::channel::<Box<FromRendezvous>>(CAMERA_QUEUE);
     lock(&shared.cameras).insert(
         conn_id,
         CameraLink {
@@ -488,11 +494,11 @@ async fn camera_session(
     );
     Metrics::inc(&shared.metrics.registrations_ok);
     info!(%observed, "camera registered");
-    let _ = tx.try_send(FromRendezvous::Registered { observed });
+    let _ = tx.try_send(Box::new(FromRendezvous::Registered { observed }));
     // The writer owns the send half; introductions queue behind the bounded channel.
     let _writer = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
-            if frame::write(&mut send, &msg).await.is_err() {
+            if frame::write(&mut send, &*msg).await.is_err() {
                 break;
             }
         }
@@ -553,9 +559,10 @@ fn camera_message(
                 .registry()
                 .set_access(camera, conn_id, access.into_iter().collect());
         }
-        ToRendezvous::Register { .. } | ToRendezvous::Connect { .. } | ToRendezvous::WhoAmI => {
-            return Err("unexpected message for a registered camera")
-        }
+        ToRendezvous::Register { .. }
+        | ToRendezvous::Connect { .. }
+        | ToRendezvous::WhoAmI
+        | ToRendezvous::Report { .. } => return Err("unexpected message for a registered camera"),
     }
     Ok(())
 }
@@ -584,6 +591,9 @@ async fn viewer_session(
     let Ok(viewer) = ViewerId::new(&peer.identity.id) else {
         return close_conn(&conn, close::WRONG_ROLE, "bad viewer id");
     };
+    // Sessions brokered on this connection and not yet reported: a report counts only
+    // for one of these, once, so nobody can inflate the path metrics.
+    let mut unreported: Vec<SessionId> = Vec::new();
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => {
@@ -596,7 +606,25 @@ async fn viewer_session(
                 camera,
                 local_addrs,
             })) if check_addrs(&local_addrs).is_ok() => {
-                introduce(&shared, &conn, &viewer, camera, local_addrs).await
+                let reply = introduce(&shared, &conn, &viewer, camera, local_addrs).await;
+                if let FromRendezvous::PeerReady { session, .. } = &reply {
+                    if unreported.len() >= MAX_UNREPORTED {
+                        unreported.remove(0);
+                    }
+                    unreported.push(*session);
+                }
+                reply
+            }
+            Ok(Some(ToRendezvous::Report { session, path })) => {
+                match unreported.iter().position(|s| *s == session) {
+                    Some(i) => {
+                        unreported.swap_remove(i);
+                        Metrics::inc(shared.metrics.path(path));
+                        debug!(%session, path = path.as_str(), "path reported");
+                    }
+                    None => debug!(%session, "report for a session not brokered here: ignored"),
+                }
+                continue;
             }
             Ok(Some(ToRendezvous::WhoAmI)) => you_are(&conn, &shared),
             Ok(None) | Err(FrameError::Io(_)) => return,
@@ -664,7 +692,7 @@ async fn introduce(
             token: a.token,
         }),
     };
-    let outcome = if tx.try_send(intro).is_ok() {
+    let outcome = if tx.try_send(Box::new(intro)).is_ok() {
         tokio::time::timeout(shared.limits.intro_timeout, answer)
             .await
             .ok()

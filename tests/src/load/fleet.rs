@@ -103,7 +103,10 @@ impl Fleet {
 
     /// A few of the errors seen.
     pub fn error_samples(&self) -> Vec<String> {
-        self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -192,7 +195,10 @@ async fn register(
             "unexpected answer {other:?} ({:?})",
             conn.close_reason()
         )),
-        Ok(Err(e)) => Err(format!("registration failed: {e} ({:?})", conn.close_reason())),
+        Ok(Err(e)) => Err(format!(
+            "registration failed: {e} ({:?})",
+            conn.close_reason()
+        )),
         Err(_) => Err("no answer to Register".into()),
     }
 }

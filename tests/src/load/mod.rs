@@ -178,7 +178,15 @@ pub async fn run(opts: &Options) -> Result<Report> {
     let mut cameras = JoinSet::new();
     let cpu0 = rdv.sample()?.cpu_secs;
     let t = Instant::now();
-    fleet::spawn_all(&mut cameras, ids, &endpoints, rdv_addr, &fleet, &gate, &cancel);
+    fleet::spawn_all(
+        &mut cameras,
+        ids,
+        &endpoints,
+        rdv_addr,
+        &fleet,
+        &gate,
+        &cancel,
+    );
     let all = wait_all(&fleet, opts.cameras, opts.register_timeout).await;
     report.register_secs = t.elapsed().as_secs_f64();
     report.cpu_register_pct = pct(rdv.sample()?.cpu_secs - cpu0, report.register_secs);
@@ -207,10 +215,9 @@ pub async fn run(opts: &Options) -> Result<Report> {
     report.idle_secs = t.elapsed().as_secs_f64();
     report.rdv_loaded = rdv.sample()?;
     report.cpu_idle_pct = pct(report.rdv_loaded.cpu_secs - cpu0, report.idle_secs);
-    report.rss_per_camera_bytes = (report.rdv_loaded.rss_kib as f64
-        - report.rdv_idle.rss_kib as f64)
-        * 1024.0
-        / opts.cameras.max(1) as f64;
+    report.rss_per_camera_bytes =
+        (report.rdv_loaded.rss_kib as f64 - report.rdv_idle.rss_kib as f64) * 1024.0
+            / opts.cameras.max(1) as f64;
     report.metrics_registered =
         metric(&rdv.metrics()?, "peercam_cameras_registered").unwrap_or(-1.0);
 

@@ -187,7 +187,9 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 /// A free port on 127.0.0.1 for UDP (`udp`) or TCP.
 pub fn free_port(udp: bool) -> Result<u16> {
     Ok(if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
     } else {
         std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?

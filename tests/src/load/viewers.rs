@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use peercam_certs::Role;
 use peercam_common::frame;
+use peercam_common::quic;
 use peercam_common::rdv::{self, FromRendezvous, ToRendezvous};
 use peercam_common::tls::{self, Expect};
-use peercam_common::quic;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -132,7 +132,8 @@ async fn worker(
             other => {
                 done.failed += 1;
                 if done.errors.len() < 4 {
-                    done.errors.push(format!("{other:?} ({:?})", conn.close_reason()));
+                    done.errors
+                        .push(format!("{other:?} ({:?})", conn.close_reason()));
                 }
             }
         }
