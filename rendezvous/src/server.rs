@@ -31,6 +31,14 @@ use crate::admin::{self, Metrics};
 use crate::registry::{ConnId, Online, RegisterError, Registry, RegistryLimits};
 use crate::relay::{Allocation, Peers, Relay, RelayLimits};
 
+/// Default of [`Limits::retry_threshold`]. At 3,000 registrations/s over WAN round trips
+/// of 100–300 ms, several hundred honest handshakes are in flight at once; with the former
+/// 64, a registration burst was pushed through Retry, and quinn (0.11) then lost a part
+/// of the Retry answers under load, costing each a 300 ms retransmit: 1,054 instead of
+/// 2,276 registrations/s (`BENCHMARKS.md`). 1,024 handshakes is under half a second of
+/// this server's CPU, which bounds what spoofed Initials can make it spend before Retry.
+pub const DEFAULT_RETRY_THRESHOLD: usize = 1024;
+
 /// Limits and timeouts of the server.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -71,7 +79,7 @@ impl Default for Limits {
             first_message_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(2),
-            retry_threshold: 64,
+            retry_threshold: DEFAULT_RETRY_THRESHOLD,
             probe_listen: None,
             admin_listen: None,
             relay: Some(RelayLimits::default()),
@@ -217,13 +225,7 @@ impl Shared {
 
 /// Starts a rendezvous server.
 pub async fn start(config: Config) -> Result<Handle, StartError> {
-    let tls = tls::server_config(
-        &config.credentials,
-        &config.trust,
-        &[Role::Camera, Role::Viewer],
-        ALPN,
-    )?;
-    let server = quic::quic_server(tls, quic::rendezvous_server_transport())?;
+    let server = rendezvous_server_config(&config)?;
     let endpoint =
         quic::endpoint_with_buffers(config.listen, Some(server), quic::RENDEZVOUS_SOCKET_BUFFER)
             .map_err(|source| StartError::Bind {
@@ -236,15 +238,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     })?;
     let probe = match config.limits.probe_listen {
         Some(addr) => {
-            let server = quic::quic_server(
-                tls::server_config(
-                    &config.credentials,
-                    &config.trust,
-                    &[Role::Camera, Role::Viewer],
-                    ALPN,
-                )?,
-                quic::rendezvous_server_transport(),
-            )?;
+            let server = rendezvous_server_config(&config)?;
             let ep =
                 quic::endpoint_with_buffers(addr, Some(server), quic::RENDEZVOUS_SOCKET_BUFFER)
                     .map_err(|source| StartError::Bind { addr, source })?;
@@ -311,6 +305,21 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         task,
         shared,
     })
+}
+
+/// The QUIC server config of the rendezvous: mutual TLS for cameras and viewers, the
+/// idle-connection transport, and no TLS session tickets: rustls' default session cache
+/// holds 256 sessions and dies with the process, so tickets sent to 100,000 cameras would
+/// almost never be redeemed, yet each costs an encryption and bytes per registration.
+fn rendezvous_server_config(config: &Config) -> Result<quinn::ServerConfig, StartError> {
+    let mut tls = tls::server_config(
+        &config.credentials,
+        &config.trust,
+        &[Role::Camera, Role::Viewer],
+        ALPN,
+    )?;
+    tls.send_tls13_tickets = 0;
+    Ok(quic::quic_server(tls, quic::rendezvous_server_transport())?)
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: CancellationToken) {
