@@ -350,6 +350,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: Can
         }
     }
     info!("shutting down: closing connections");
+    // Stop accepting silently rather than refusing: a camera that reconnects at once (its
+    // session was just closed with SHUTDOWN) resends its Initial after a probe timeout,
+    // and on a restart that lands on the next process bound to this port instead of
+    // failing against this one while it drains (`BENCHMARKS.md`, restart).
+    endpoint.set_server_config(None);
     endpoint.close(
         VarInt::from_u32(close::SHUTDOWN),
         b"rendezvous shutting down",

@@ -5,6 +5,7 @@
 mod access;
 mod cli;
 mod identity;
+mod load;
 mod nat;
 mod operations;
 mod recovery;
