@@ -42,6 +42,10 @@ struct Cli {
     /// Viewer connections issuing connects.
     #[arg(long, default_value_t = 16)]
     viewer_conns: usize,
+    /// Instead of camera-agent's reconnect policy, cameras whose session the rendezvous
+    /// closed with SHUTDOWN wait uniformly in [0, SECS] before reconnecting (comparison).
+    #[arg(long, value_name = "SECS")]
+    spread_after_shutdown: Option<f64>,
     /// Let the rendezvous offer relay sessions with each introduction.
     #[arg(long)]
     relay: bool,
@@ -85,6 +89,9 @@ fn run(cli: Cli) -> Result<()> {
     opts.viewer_conns = cli.viewer_conns;
     opts.relay = cli.relay;
     opts.extra_config = cli.rdv_config;
+    if let Some(secs) = cli.spread_after_shutdown {
+        opts.reconnect = load::fleet::Reconnect::SpreadAfterShutdown(Duration::from_secs_f64(secs));
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let report = runtime.block_on(load::run(&opts))?;
     print!("{}", report.text());

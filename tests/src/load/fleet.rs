@@ -112,6 +112,21 @@ impl Fleet {
 
 /// Starts every camera on `tasks`, spread over `endpoints` client endpoints. At most
 /// `gate`'s permits handshakes are in flight at once (add permits to lift the limit).
+/// How the simulated cameras reconnect.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Reconnect {
+    /// As camera-agent does: after losing a registered session, the backoff restarts at
+    /// its base (a delay uniform in 0–0.5 s), then grows after each failed attempt.
+    #[default]
+    Agent,
+    /// An alternative measured for comparison: when the rendezvous closed the session with
+    /// `SHUTDOWN`, the first attempt waits uniformly in `[0, window]`; otherwise as `Agent`.
+    SpreadAfterShutdown(Duration),
+}
+
+/// Starts every camera on `tasks`, spread over `endpoints` client endpoints. At most
+/// `gate`'s permits handshakes are in flight at once (add permits to lift the limit).
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_all(
     tasks: &mut JoinSet<()>,
     ids: Vec<Identity>,
@@ -119,6 +134,7 @@ pub fn spawn_all(
     rdv: SocketAddr,
     fleet: &Arc<Fleet>,
     gate: &Arc<Semaphore>,
+    reconnect: Reconnect,
     cancel: &CancellationToken,
 ) {
     for (i, id) in ids.into_iter().enumerate() {
@@ -127,7 +143,7 @@ pub fn spawn_all(
         tasks.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = camera(ep, id, rdv, fleet, gate) => {}
+                _ = camera(ep, id, rdv, fleet, gate, reconnect) => {}
             }
         });
     }
@@ -139,25 +155,35 @@ async fn camera(
     rdv: SocketAddr,
     fleet: Arc<Fleet>,
     gate: Arc<Semaphore>,
+    reconnect: Reconnect,
 ) {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     loop {
         let permit = gate.acquire().await;
         let registered = register(&ep, &id, rdv).await;
         drop(permit);
+        let mut delay = None;
         match registered {
             Ok((conn, send, recv)) => {
                 fleet.registrations.fetch_add(1, Ordering::Relaxed);
                 fleet.registered.fetch_add(1, Ordering::Relaxed);
                 serve(send, recv, &fleet).await;
-                drop(conn);
                 fleet.registered.fetch_sub(1, Ordering::Relaxed);
                 fleet.losses.fetch_add(1, Ordering::Relaxed);
                 backoff.reset();
+                if let Reconnect::SpreadAfterShutdown(window) = reconnect {
+                    let shutdown = matches!(
+                        conn.close_reason(),
+                        Some(quinn::ConnectionError::ApplicationClosed(c))
+                            if c.error_code == quinn::VarInt::from_u32(rdv::close::SHUTDOWN)
+                    );
+                    delay = shutdown.then(|| window.mul_f64(rand::random::<f64>()));
+                }
             }
             Err(why) => fleet.failed(why),
         }
-        tokio::time::sleep(backoff.next_delay(rand::random::<f64>())).await;
+        let delay = delay.unwrap_or_else(|| backoff.next_delay(rand::random::<f64>()));
+        tokio::time::sleep(delay).await;
     }
 }
 

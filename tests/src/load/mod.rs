@@ -56,6 +56,8 @@ pub struct Options {
     /// Offer relay sessions (the rendezvous' default); off by default so that brokering
     /// is measured without socket allocations capped at 1000 sessions.
     pub relay: bool,
+    /// How cameras reconnect after a loss.
+    pub reconnect: fleet::Reconnect,
     /// Extra lines for the rendezvous' TOML config (experiments, e.g. `retry_threshold = 0`).
     pub extra_config: Vec<String>,
 }
@@ -76,6 +78,7 @@ impl Options {
             restart: false,
             relay: false,
             extra_config: Vec::new(),
+            reconnect: fleet::Reconnect::Agent,
         }
     }
 }
@@ -185,6 +188,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         rdv_addr,
         &fleet,
         &gate,
+        opts.reconnect,
         &cancel,
     );
     let all = wait_all(&fleet, opts.cameras, opts.register_timeout).await;
