@@ -94,6 +94,8 @@ pub struct Report {
     pub register_secs: f64,
     /// Registrations per second over that time.
     pub registrations_per_sec: f64,
+    /// Registrations per second in each tenth of the initial registration.
+    pub registrations_per_sec_by_tenth: Vec<f64>,
     /// Failed registration attempts during the initial registration.
     pub register_failures: u64,
     /// The rendezvous before any camera.
@@ -191,7 +193,8 @@ pub async fn run(opts: &Options) -> Result<Report> {
         opts.reconnect,
         &cancel,
     );
-    let all = wait_all(&fleet, opts.cameras, opts.register_timeout).await;
+    let (all, tenths) = wait_all(&fleet, opts.cameras, opts.register_timeout).await;
+    report.registrations_per_sec_by_tenth = tenths;
     report.register_secs = t.elapsed().as_secs_f64();
     report.cpu_register_pct = pct(rdv.sample()?.cpu_secs - cpu0, report.register_secs);
     report.registrations_per_sec = opts.cameras as f64 / report.register_secs;
@@ -299,15 +302,30 @@ async fn restart(rdv: &mut RdvProcess, fleet: &Fleet, opts: &Options) -> Result<
     Ok(out)
 }
 
-async fn wait_all(fleet: &Fleet, n: usize, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while fleet.registered.load(Ordering::Relaxed) < n {
+/// Waits until `n` cameras are registered; also returns the registration rate in each
+/// tenth of the way (how it changes as registered cameras accumulate).
+async fn wait_all(fleet: &Fleet, n: usize, timeout: Duration) -> (bool, Vec<f64>) {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut tenths = Vec::new();
+    let mut mark = (start, 0usize);
+    loop {
+        let now = fleet.registered.load(Ordering::Relaxed);
+        let next = n * (tenths.len() + 1) / 10;
+        if now >= next && tenths.len() < 10 {
+            let secs = mark.0.elapsed().as_secs_f64().max(1e-3);
+            tenths.push((now - mark.1) as f64 / secs);
+            mark = (Instant::now(), now);
+            continue;
+        }
+        if now >= n {
+            return (true, tenths);
+        }
         if Instant::now() > deadline {
-            return false;
+            return (false, tenths);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    true
 }
 
 fn pct(cpu_secs: f64, wall_secs: f64) -> f64 {
@@ -376,6 +394,12 @@ impl Report {
             "registration                 {:.0}/s ({:.1} s for all, {} failed attempts, rendezvous CPU {:.0}% of one core)",
             self.registrations_per_sec, self.register_secs, self.register_failures, self.cpu_register_pct
         );
+        let tenths: Vec<String> = self
+            .registrations_per_sec_by_tenth
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect();
+        let _ = writeln!(s, "  by tenths                  {}/s", tenths.join(" "));
         let _ = writeln!(
             s,
             "rendezvous RSS               idle {:.1} MiB, loaded {:.1} MiB (peak {:.1} MiB), /metrics says {} registered",
