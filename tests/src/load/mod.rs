@@ -106,6 +106,10 @@ pub struct Report {
     pub rss_per_camera_bytes: f64,
     /// Rendezvous CPU while registering, percent of one core.
     pub cpu_register_pct: f64,
+    /// Rendezvous CPU seconds while registering.
+    pub cpu_register_secs: f64,
+    /// Rendezvous CPU seconds over the idle window.
+    pub cpu_idle_secs: f64,
     /// Rendezvous CPU with every camera registered and idle (keep-alives only), percent of
     /// one core, and the length of that window.
     pub cpu_idle_pct: f64,
@@ -196,7 +200,8 @@ pub async fn run(opts: &Options) -> Result<Report> {
     let (all, tenths) = wait_all(&fleet, opts.cameras, opts.register_timeout).await;
     report.registrations_per_sec_by_tenth = tenths;
     report.register_secs = t.elapsed().as_secs_f64();
-    report.cpu_register_pct = pct(rdv.sample()?.cpu_secs - cpu0, report.register_secs);
+    report.cpu_register_secs = rdv.sample()?.cpu_secs - cpu0;
+    report.cpu_register_pct = pct(report.cpu_register_secs, report.register_secs);
     report.registrations_per_sec = opts.cameras as f64 / report.register_secs;
     report.register_failures = fleet.failures.load(Ordering::Relaxed);
     if !all {
@@ -221,7 +226,8 @@ pub async fn run(opts: &Options) -> Result<Report> {
     tokio::time::sleep(opts.idle).await;
     report.idle_secs = t.elapsed().as_secs_f64();
     report.rdv_loaded = rdv.sample()?;
-    report.cpu_idle_pct = pct(report.rdv_loaded.cpu_secs - cpu0, report.idle_secs);
+    report.cpu_idle_secs = report.rdv_loaded.cpu_secs - cpu0;
+    report.cpu_idle_pct = pct(report.cpu_idle_secs, report.idle_secs);
     report.rss_per_camera_bytes =
         (report.rdv_loaded.rss_kib as f64 - report.rdv_idle.rss_kib as f64) * 1024.0
             / opts.cameras.max(1) as f64;
@@ -391,8 +397,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "registration                 {:.0}/s ({:.1} s for all, {} failed attempts, rendezvous CPU {:.0}% of one core)",
-            self.registrations_per_sec, self.register_secs, self.register_failures, self.cpu_register_pct
+            "registration                 {:.0}/s ({:.1} s for all, {} failed attempts, rendezvous CPU {:.1} s = {:.0}% of one core)",
+            self.registrations_per_sec, self.register_secs, self.register_failures, self.cpu_register_secs, self.cpu_register_pct
         );
         let tenths: Vec<String> = self
             .registrations_per_sec_by_tenth
@@ -416,8 +422,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "keep-alive cost (idle)       rendezvous CPU {:.2}% of one core over {:.0} s",
-            self.cpu_idle_pct, self.idle_secs
+            "keep-alive cost (idle)       rendezvous CPU {:.2} s over {:.0} s = {:.2}% of one core",
+            self.cpu_idle_secs, self.idle_secs, self.cpu_idle_pct
         );
         if let Some(b) = &self.brokering {
             let _ = writeln!(
