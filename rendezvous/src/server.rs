@@ -33,10 +33,11 @@ use crate::relay::{Allocation, Peers, Relay, RelayLimits};
 
 /// Default of [`Limits::retry_threshold`]. At 3,000 registrations/s over WAN round trips
 /// of 100–300 ms, several hundred honest handshakes are in flight at once; with the former
-/// 64, a registration burst was pushed through Retry, and quinn (0.11) then lost a part
-/// of the Retry answers under load, costing each a 300 ms retransmit: 1,054 instead of
-/// 2,276 registrations/s (`BENCHMARKS.md`). 1,024 handshakes is under half a second of
-/// this server's CPU, which bounds what spoofed Initials can make it spend before Retry.
+/// 64, a registration burst was pushed through Retry, and the tail of such a burst
+/// stalled (cause not found; the Retry packets do go out): 1,161 instead of 3,240
+/// registrations/s for 10,000 cameras (`BENCHMARKS.md`). 1,024 handshakes is under half
+/// a second of this server's CPU, which bounds what spoofed Initials can make it spend
+/// before Retry.
 pub const DEFAULT_RETRY_THRESHOLD: usize = 1024;
 
 /// Limits and timeouts of the server.
