@@ -413,7 +413,10 @@ async fn handle_incoming(
                 .await
         }
         Role::Viewer => {
-            viewer_session(conn, peer, send, recv, shared, cancel)
+            // Boxed: a task is as large as its largest state, and the viewer's (waiting on
+            // an introduction and a relay allocation) would otherwise enlarge every idle
+            // camera's task.
+            Box::pin(viewer_session(conn, peer, send, recv, shared, cancel))
                 .instrument(info_span!("viewer", viewer = %id))
                 .await
         }
