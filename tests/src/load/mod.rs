@@ -162,9 +162,8 @@ pub async fn run(opts: &Options) -> Result<Report> {
     };
     let udp_drops_before = udp_rcvbuf_errors();
     let pki = Pki::new();
-    let viewer = ViewerId::new(VIEWER)?;
     let t = Instant::now();
-    let ids = fleet::identities(&pki, opts.cameras, &viewer);
+    let ids = fleet::identities(&pki, opts.cameras, &ViewerId::new(VIEWER)?);
     report.identities_secs = t.elapsed().as_secs_f64();
 
     let rdv_addr = SocketAddr::from(([127, 0, 0, 1], free_port(true)?));
@@ -175,12 +174,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     report.rdv_idle = rdv.sample()?;
 
-    let endpoints = (0..opts.endpoints.max(1))
-        .map(|_| {
-            let any = SocketAddr::from(([127, 0, 0, 1], 0));
-            quic::endpoint_with_buffers(any, None, quic::RENDEZVOUS_SOCKET_BUFFER)
-        })
-        .collect::<std::io::Result<Vec<_>>>()?;
+    let endpoints = client_endpoints(opts.endpoints)?;
     let fleet = Arc::new(Fleet::default());
     let gate = Arc::new(Semaphore::new(opts.inflight.max(1)));
     let cancel = CancellationToken::new();
@@ -205,13 +199,12 @@ pub async fn run(opts: &Options) -> Result<Report> {
     report.registrations_per_sec = opts.cameras as f64 / report.register_secs;
     report.register_failures = fleet.failures.load(Ordering::Relaxed);
     if !all {
-        report.errors = fleet.error_samples();
         bail!(
             "only {} of {} cameras registered within {:?}; errors: {:?}; log: {}",
             fleet.registered.load(Ordering::Relaxed),
             opts.cameras,
             opts.register_timeout,
-            report.errors,
+            fleet.error_samples(),
             log.display()
         );
     }
@@ -219,38 +212,10 @@ pub async fn run(opts: &Options) -> Result<Report> {
     // a restart sees the full herd.
     gate.add_permits(Semaphore::MAX_PERMITS / 2);
 
-    // Let handshake leftovers (retransmit buffers, closed-connection state) drain.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let cpu0 = rdv.sample()?.cpu_secs;
-    let t = Instant::now();
-    tokio::time::sleep(opts.idle).await;
-    report.idle_secs = t.elapsed().as_secs_f64();
-    report.rdv_loaded = rdv.sample()?;
-    report.cpu_idle_secs = report.rdv_loaded.cpu_secs - cpu0;
-    report.cpu_idle_pct = pct(report.cpu_idle_secs, report.idle_secs);
-    report.rss_per_camera_bytes =
-        (report.rdv_loaded.rss_kib as f64 - report.rdv_idle.rss_kib as f64) * 1024.0
-            / opts.cameras.max(1) as f64;
-    report.metrics_registered =
-        metric(&rdv.metrics()?, "peercam_cameras_registered").unwrap_or(-1.0);
-
+    measure_idle(&rdv, opts, &mut report).await?;
     if opts.connect_rate > 0.0 {
-        let cpu0 = rdv.sample()?.cpu_secs;
-        let t = Instant::now();
-        let b = viewers::run(
-            &pki,
-            VIEWER,
-            rdv_addr,
-            opts.viewer_conns,
-            opts.cameras,
-            opts.connect_rate,
-            opts.duration,
-        )
-        .await?;
-        report.cpu_connect_pct = pct(rdv.sample()?.cpu_secs - cpu0, t.elapsed().as_secs_f64());
-        report.brokering = Some(b);
+        measure_connects(&rdv, &pki, rdv_addr, opts, &mut report).await?;
     }
-
     if opts.restart {
         report.restart = Some(restart(&mut rdv, &fleet, opts).await?);
     }
@@ -265,6 +230,58 @@ pub async fn run(opts: &Options) -> Result<Report> {
     report.udp_rcvbuf_errors = udp_rcvbuf_errors().saturating_sub(udp_drops_before);
     report.errors = fleet.error_samples();
     Ok(report)
+}
+
+/// `n` client endpoints on loopback, each its own UDP socket and driver task.
+fn client_endpoints(n: usize) -> Result<Vec<quinn::Endpoint>> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    Ok((0..n.max(1))
+        .map(|_| quic::endpoint_with_buffers(any, None, quic::RENDEZVOUS_SOCKET_BUFFER))
+        .collect::<std::io::Result<Vec<_>>>()?)
+}
+
+/// Memory and CPU with every camera registered and nothing but keep-alives going on.
+async fn measure_idle(rdv: &RdvProcess, opts: &Options, report: &mut Report) -> Result<()> {
+    // Let handshake leftovers (retransmit buffers, closed-connection state) drain.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu0 = rdv.sample()?.cpu_secs;
+    let t = Instant::now();
+    tokio::time::sleep(opts.idle).await;
+    report.idle_secs = t.elapsed().as_secs_f64();
+    report.rdv_loaded = rdv.sample()?;
+    report.cpu_idle_secs = report.rdv_loaded.cpu_secs - cpu0;
+    report.cpu_idle_pct = pct(report.cpu_idle_secs, report.idle_secs);
+    report.rss_per_camera_bytes =
+        (report.rdv_loaded.rss_kib as f64 - report.rdv_idle.rss_kib as f64) * 1024.0
+            / opts.cameras.max(1) as f64;
+    report.metrics_registered =
+        metric(&rdv.metrics()?, "peercam_cameras_registered").unwrap_or(-1.0);
+    Ok(())
+}
+
+/// Viewers connecting at `opts.connect_rate`, and the rendezvous' CPU meanwhile.
+async fn measure_connects(
+    rdv: &RdvProcess,
+    pki: &Pki,
+    rdv_addr: SocketAddr,
+    opts: &Options,
+    report: &mut Report,
+) -> Result<()> {
+    let cpu0 = rdv.sample()?.cpu_secs;
+    let t = Instant::now();
+    let b = viewers::run(
+        pki,
+        VIEWER,
+        rdv_addr,
+        opts.viewer_conns,
+        opts.cameras,
+        opts.connect_rate,
+        opts.duration,
+    )
+    .await?;
+    report.cpu_connect_pct = pct(rdv.sample()?.cpu_secs - cpu0, t.elapsed().as_secs_f64());
+    report.brokering = Some(b);
+    Ok(())
 }
 
 async fn restart(rdv: &mut RdvProcess, fleet: &Fleet, opts: &Options) -> Result<Restart> {
