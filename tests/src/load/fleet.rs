@@ -90,6 +90,8 @@ pub struct Fleet {
     /// Introductions answered.
     pub intros: AtomicU64,
     errors: Mutex<Vec<String>>,
+    /// Dial → `Registered` of every successful registration, microseconds.
+    latencies: Mutex<Vec<u32>>,
 }
 
 impl Fleet {
@@ -99,6 +101,17 @@ impl Fleet {
         if e.len() < ERROR_SAMPLES {
             e.push(why);
         }
+    }
+
+    /// Percentiles (50, 99, 100) of dial → `Registered`, milliseconds, of the
+    /// registrations so far; clears them.
+    pub fn take_latencies(&self) -> [f64; 3] {
+        let mut l = std::mem::take(&mut *self.latencies.lock().unwrap_or_else(|p| p.into_inner()));
+        l.sort_unstable();
+        [0.50, 0.99, 1.0].map(|p| {
+            let i = ((l.len() as f64 * p).ceil() as usize).saturating_sub(1);
+            l.get(i).map_or(0.0, |us| f64::from(*us) / 1000.0)
+        })
     }
 
     /// A few of the errors seen.
@@ -160,8 +173,17 @@ async fn camera(
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     loop {
         let permit = gate.acquire().await;
+        let t0 = std::time::Instant::now();
         let registered = register(&ep, &id, rdv).await;
         drop(permit);
+        if registered.is_ok() {
+            let us = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
+            fleet
+                .latencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(us);
+        }
         let mut delay = None;
         match registered {
             Ok((conn, send, recv)) => {

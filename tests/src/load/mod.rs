@@ -96,6 +96,8 @@ pub struct Report {
     pub registrations_per_sec: f64,
     /// Registrations per second in each tenth of the initial registration.
     pub registrations_per_sec_by_tenth: Vec<f64>,
+    /// Dial → `Registered` during the initial registration: p50, p99, max (ms).
+    pub register_latency_ms: [f64; 3],
     /// Failed registration attempts during the initial registration.
     pub register_failures: u64,
     /// The rendezvous before any camera.
@@ -151,6 +153,8 @@ pub struct Restart {
     pub peak_per_sec: u64,
     /// Rendezvous CPU during the recovery, percent of one core.
     pub cpu_pct: f64,
+    /// Dial → `Registered` of the re-registrations: p50, p99, max (ms).
+    pub latency_ms: [f64; 3],
 }
 
 /// Runs the load described by `opts` and returns what it measured.
@@ -198,6 +202,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     report.cpu_register_pct = pct(report.cpu_register_secs, report.register_secs);
     report.registrations_per_sec = opts.cameras as f64 / report.register_secs;
     report.register_failures = fleet.failures.load(Ordering::Relaxed);
+    report.register_latency_ms = fleet.take_latencies();
     if !all {
         bail!(
             "only {} of {} cameras registered within {:?}; errors: {:?}; log: {}",
@@ -322,6 +327,7 @@ async fn restart(rdv: &mut RdvProcess, fleet: &Fleet, opts: &Options) -> Result<
         .max(fleet.registrations.load(Ordering::Relaxed) - last.1);
     out.cpu_pct = pct(rdv.sample()?.cpu_secs - cpu0, t_up.elapsed().as_secs_f64());
     out.failures = fleet.failures.load(Ordering::Relaxed) - failures0;
+    out.latency_ms = fleet.take_latencies();
     Ok(out)
 }
 
@@ -423,6 +429,11 @@ impl Report {
             .map(|r| format!("{r:.0}"))
             .collect();
         let _ = writeln!(s, "  by tenths                  {}/s", tenths.join(" "));
+        let [p50, p99, max] = self.register_latency_ms;
+        let _ = writeln!(
+            s,
+            "  dial → Registered          p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+        );
         let _ = writeln!(
             s,
             "rendezvous RSS               idle {:.1} MiB, loaded {:.1} MiB (peak {:.1} MiB), /metrics says {} registered",
@@ -454,6 +465,11 @@ impl Report {
                 s,
                 "restart                      down {:.2} s; all {} back: {} after {:.1} s; {} failed attempts; peak {}/s; rendezvous CPU {:.0}%",
                 r.down_secs, self.cameras, r.all_back, r.all_back_secs, r.failures, r.peak_per_sec, r.cpu_pct
+            );
+            let [p50, p99, max] = r.latency_ms;
+            let _ = writeln!(
+                s,
+                "  dial → Registered          p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
             );
         }
         let _ = writeln!(
