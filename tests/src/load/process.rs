@@ -69,7 +69,9 @@ pub struct RdvProcess {
 }
 
 impl RdvProcess {
-    /// Starts `bin --config config`, logging to `log`, and waits until `/readyz` answers.
+    /// Starts `bin --config config`, logging to `log` at `warn` (or `$LOADGEN_RDV_LOG`;
+    /// at the binary's default `info`, its per-connection spans cost ~1 KB per camera),
+    /// and waits until `/readyz` answers.
     pub fn start(bin: &Path, config: &Path, log: &Path, admin: SocketAddr) -> Result<Self> {
         let child = spawn(bin, config, log)?;
         let mut p = RdvProcess {
@@ -160,7 +162,10 @@ fn spawn(bin: &Path, config: &Path, log: &Path) -> Result<Child> {
     Command::new(bin)
         .arg("--config")
         .arg(config)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("LOADGEN_RDV_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
