@@ -45,7 +45,23 @@ pub fn rendezvous_transport() -> TransportConfig {
         .stream_receive_window(VarInt::from_u32(128 * 1024))
         .receive_window(VarInt::from_u32(256 * 1024))
         .send_window(256 * 1024)
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        // Control messages are small: no MTU probes (packets every few minutes per
+        // connection) and one datagram per transmit, so quinn's per-connection send
+        // buffer stays one packet long instead of a GSO batch (`BENCHMARKS.md`).
+        .mtu_discovery_config(None)
+        .enable_segmentation_offload(false);
+    t
+}
+
+/// Transport for the rendezvous' side of rendezvous connections: as
+/// [`rendezvous_transport`], but the rendezvous sends no keep-alives of its own. The
+/// client's keep-alive every 10 s already holds its NAT mapping open and keeps the
+/// connection from idling out on both ends; the server's own pings doubled the packets
+/// per idle connection (`BENCHMARKS.md`, keep-alive cost).
+pub fn rendezvous_server_transport() -> TransportConfig {
+    let mut t = rendezvous_transport();
+    t.keep_alive_interval(None);
     t
 }
 
@@ -110,6 +126,41 @@ pub struct SharedEndpoint {
     pub endpoint: quinn::Endpoint,
     /// The same UDP socket, for sending tiny punch packets that quinn cannot send.
     pub punch: Arc<UdpSocket>,
+}
+
+/// UDP socket buffers a rendezvous asks for. A burst of registrations arrives faster than
+/// one endpoint task drains it; with Linux's default 208 KiB (~90 full-size datagrams on
+/// loopback) the overflow was dropped and each drop cost a 300 ms handshake retransmit
+/// (see `BENCHMARKS.md`). The kernel caps the request at `net.core.rmem_max`/`wmem_max`.
+pub const RENDEZVOUS_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Binds a UDP socket and asks for `buffer` bytes of receive and send buffer (best effort:
+/// the kernel caps it; the size obtained is logged at debug level).
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    let _ = state.set_recv_buffer_size((&socket).into(), buffer);
+    let _ = state.set_send_buffer_size((&socket).into(), buffer);
+    tracing::debug!(
+        %addr,
+        recv = ?state.recv_buffer_size((&socket).into()),
+        send = ?state.send_buffer_size((&socket).into()),
+        "UDP socket buffers"
+    );
+    Ok(socket)
+}
+
+/// A quinn endpoint on a socket from [`bind_udp`]; with a server config it accepts too.
+/// Must run inside a tokio runtime.
+pub fn endpoint_with_buffers(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    buffer: usize,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = bind_udp(addr, buffer)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
 }
 
 /// Binds one UDP socket and builds an endpoint on it. Must run inside a tokio runtime.

@@ -98,6 +98,40 @@ pub enum ToRendezvous {
     },
     /// Any (netcheck): what address do you see me at?
     WhoAmI,
+    /// Viewer: the introduction `session` ended in a connection to the camera over `path`.
+    /// Sent once per session, on the connection that asked for it; counted only for
+    /// sessions the rendezvous brokered for this viewer. No answer.
+    Report {
+        /// The introduction reported on (from `PeerReady`).
+        session: SessionId,
+        /// How the viewer reached the camera.
+        path: PathKind,
+    },
+}
+
+/// How a viewer reached a camera, as reported to the rendezvous (metrics only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PathKind {
+    /// A host candidate on the viewer's link.
+    Lan,
+    /// A public or server-reflexive address, through the NATs.
+    Direct,
+    /// The rendezvous' relay.
+    Relay,
+}
+
+impl PathKind {
+    /// Every kind, in the order metrics list them.
+    pub const ALL: [PathKind; 3] = [PathKind::Direct, PathKind::Lan, PathKind::Relay];
+
+    /// The lowercase name (`lan`, `direct`, `relay`), as shown to users and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Lan => "lan",
+            PathKind::Direct => "direct",
+            PathKind::Relay => "relay",
+        }
+    }
 }
 
 /// Why the rendezvous could not introduce a viewer to a camera.
@@ -204,6 +238,10 @@ mod tests {
                 session: SessionId([7; 16]),
                 local_addrs: vec!["[::1]:5".parse().expect("addr")],
             },
+            ToRendezvous::Report {
+                session: SessionId([9; 16]),
+                path: PathKind::Relay,
+            },
         ]
     }
 
@@ -245,11 +283,48 @@ mod tests {
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(hex, GOLDEN_REFUSED);
+        let report = ToRendezvous::Report {
+            session: SessionId([1; 16]),
+            path: PathKind::Direct,
+        };
+        assert_eq!(hex_of(&report), GOLDEN_REPORT);
+        for (kind, name) in [
+            (PathKind::Lan, "Lan"),
+            (PathKind::Direct, "Direct"),
+            (PathKind::Relay, "Relay"),
+        ] {
+            let bytes = encode(&kind).expect("encode");
+            assert!(bytes.ends_with(name.as_bytes()), "{kind:?}: {bytes:02x?}");
+        }
+    }
+
+    fn hex_of(msg: &ToRendezvous) -> String {
+        encode(msg)
+            .expect("encode")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     const GOLDEN_CONNECT: &str = "00000032a167436f6e6e656374a26663616d6572616563616d2d316b6c6f63616c5f616464727381a1625634828418c6130102190fa0";
     const GOLDEN_REFUSED: &str =
         "0000001da16752656675736564a166726561736f6e6b556e617661696c61626c65";
+
+    const GOLDEN_REPORT: &str = "0000002ea1665265706f7274a26773657373696f6e5001010101010101010101010101010101647061746866446972656374";
+
+    #[test]
+    fn path_kinds_round_trip_and_name_themselves() {
+        for kind in PathKind::ALL {
+            let msg = ToRendezvous::Report {
+                session: SessionId([3; 16]),
+                path: kind,
+            };
+            let bytes = encode(&msg).expect("encode");
+            assert_eq!(decode::<ToRendezvous>(&bytes[4..]).expect("decode"), msg);
+        }
+        let names: Vec<_> = PathKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["direct", "lan", "relay"]);
+    }
 
     #[test]
     fn invalid_ids_in_messages_are_refused() {

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use peercam_common::rdv::PathKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -38,12 +39,20 @@ pub struct Metrics {
     pub connects_timeout: AtomicU64,
     /// Connect requests refused by the rate limit.
     pub connects_rate_limited: AtomicU64,
+    /// Paths viewers reported for brokered sessions, in [`PathKind::ALL`] order.
+    pub paths: [AtomicU64; 3],
 }
 
 impl Metrics {
     /// Adds one to a counter.
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counter of reports of `kind`.
+    pub fn path(&self, kind: PathKind) -> &AtomicU64 {
+        let i = PathKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        &self.paths[i]
     }
 }
 
@@ -96,6 +105,18 @@ pub fn render(m: &Metrics, g: Gauges) -> String {
             ("{outcome=\"timeout\"}", v(&m.connects_timeout)),
             ("{outcome=\"rate_limited\"}", v(&m.connects_rate_limited)),
         ],
+    );
+    let labels = PathKind::ALL.map(|k| format!("{{path=\"{}\"}}", k.as_str()));
+    let paths: Vec<(&str, u64)> = PathKind::ALL
+        .iter()
+        .zip(&labels)
+        .map(|(k, l)| (l.as_str(), v(m.path(*k))))
+        .collect();
+    metric(
+        "peercam_paths_total",
+        "counter",
+        "Connections viewers reported for brokered sessions, by path.",
+        &paths,
     );
     metric(
         "peercam_handshake_failures_total",
@@ -206,6 +227,7 @@ mod tests {
         let m = Metrics::default();
         Metrics::inc(&m.connects_ok);
         Metrics::inc(&m.connects_ok);
+        Metrics::inc(m.path(PathKind::Relay));
         let text = render(
             &m,
             Gauges {
@@ -222,5 +244,12 @@ mod tests {
             text.contains("# TYPE peercam_connects_total counter"),
             "{text}"
         );
+        for line in [
+            "peercam_paths_total{path=\"relay\"} 1\n",
+            "peercam_paths_total{path=\"direct\"} 0\n",
+            "peercam_paths_total{path=\"lan\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

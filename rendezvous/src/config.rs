@@ -40,7 +40,7 @@ pub struct FileConfig {
     /// Lookups one viewer may make in a burst.
     pub lookup_burst: Option<f64>,
     /// Unvalidated handshakes in progress above which clients must answer a QUIC Retry
-    /// first (default 64; 0 = always).
+    /// first (default 1024; 0 = always).
     pub retry_threshold: Option<usize>,
     /// Second UDP address for netcheck (default: the listen port + 1; "off" is not a
     /// value: set `probe = false` to disable).

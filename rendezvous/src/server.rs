@@ -34,6 +34,14 @@ use crate::relay::{Allocation, Peers, Relay, RelayLimits};
 
 mod cluster_hooks;
 use cluster_hooks::{cluster_claim, cluster_inbound, remote_introduce};
+/// Default of [`Limits::retry_threshold`]. At 3,000 registrations/s over WAN round trips
+/// of 100–300 ms, several hundred honest handshakes are in flight at once; with the former
+/// 64, a registration burst was pushed through Retry, and the tail of such a burst
+/// stalled (cause not found; the Retry packets do go out): 1,161 instead of 3,240
+/// registrations/s for 10,000 cameras (`BENCHMARKS.md`). 1,024 handshakes is under half
+/// a second of this server's CPU, which bounds what spoofed Initials can make it spend
+/// before Retry.
+pub const DEFAULT_RETRY_THRESHOLD: usize = 1024;
 
 /// Limits and timeouts of the server.
 #[derive(Debug, Clone)]
@@ -78,7 +86,7 @@ impl Default for Limits {
             first_message_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(2),
-            retry_threshold: 64,
+            retry_threshold: DEFAULT_RETRY_THRESHOLD,
             probe_listen: None,
             admin_listen: None,
             relay: Some(RelayLimits::default()),
@@ -169,7 +177,9 @@ impl Handle {
 }
 
 struct CameraLink {
-    tx: mpsc::Sender<FromRendezvous>,
+    /// Boxed: a bounded tokio channel allocates a block of 32 slots up front, which for
+    /// `FromRendezvous` itself was ~4.7 KB per registered camera (`BENCHMARKS.md`).
+    tx: mpsc::Sender<Box<FromRendezvous>>,
     conn: quinn::Connection,
 }
 
@@ -227,35 +237,23 @@ impl Shared {
 
 /// Starts a rendezvous server.
 pub async fn start(config: Config) -> Result<Handle, StartError> {
-    let tls = tls::server_config(
-        &config.credentials,
-        &config.trust,
-        &[Role::Camera, Role::Viewer],
-        ALPN,
-    )?;
-    let server = quic::quic_server(tls, quic::rendezvous_transport())?;
+    let server = rendezvous_server_config(&config)?;
     let endpoint =
-        quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        quic::endpoint_with_buffers(config.listen, Some(server), quic::RENDEZVOUS_SOCKET_BUFFER)
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
     let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
         addr: config.listen,
         source,
     })?;
     let probe = match config.limits.probe_listen {
         Some(addr) => {
-            let server = quic::quic_server(
-                tls::server_config(
-                    &config.credentials,
-                    &config.trust,
-                    &[Role::Camera, Role::Viewer],
-                    ALPN,
-                )?,
-                quic::rendezvous_transport(),
-            )?;
-            let ep = quinn::Endpoint::server(server, addr)
-                .map_err(|source| StartError::Bind { addr, source })?;
+            let server = rendezvous_server_config(&config)?;
+            let ep =
+                quic::endpoint_with_buffers(addr, Some(server), quic::RENDEZVOUS_SOCKET_BUFFER)
+                    .map_err(|source| StartError::Bind { addr, source })?;
             Some(ep)
         }
         None => None,
@@ -343,6 +341,21 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     })
 }
 
+/// The QUIC server config of the rendezvous: mutual TLS for cameras and viewers, the
+/// idle-connection transport, and no TLS session tickets: rustls' default session cache
+/// holds 256 sessions and dies with the process, so tickets sent to 100,000 cameras would
+/// almost never be redeemed, yet each costs an encryption and bytes per registration.
+fn rendezvous_server_config(config: &Config) -> Result<quinn::ServerConfig, StartError> {
+    let mut tls = tls::server_config(
+        &config.credentials,
+        &config.trust,
+        &[Role::Camera, Role::Viewer],
+        ALPN,
+    )?;
+    tls.send_tls13_tickets = 0;
+    Ok(quic::quic_server(tls, quic::rendezvous_server_transport())?)
+}
+
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: CancellationToken) {
     let mut tasks = JoinSet::new();
     loop {
@@ -371,6 +384,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: Can
         }
     }
     info!("shutting down: closing connections");
+    // Stop accepting silently rather than refusing: a camera that reconnects at once (its
+    // session was just closed with SHUTDOWN) resends its Initial after a probe timeout,
+    // and on a restart that lands on the next process bound to this port instead of
+    // failing against this one while it drains (`BENCHMARKS.md`, restart).
+    endpoint.set_server_config(None);
     endpoint.close(
         VarInt::from_u32(close::SHUTDOWN),
         b"rendezvous shutting down",
@@ -428,13 +446,23 @@ async fn handle_incoming(
                 .await
         }
         Role::Viewer => {
-            viewer_session(conn, peer, send, recv, shared, cancel)
+            // Boxed: a task is as large as its largest state, and the viewer's (waiting on
+            // an introduction and a relay allocation) would otherwise enlarge every idle
+            // camera's task.
+            Box::pin(viewer_session(conn, peer, send, recv, shared, cancel))
                 .instrument(info_span!("viewer", viewer = %id))
                 .await
         }
         Role::Rendezvous => close_conn(&conn, close::WRONG_ROLE, "rendezvous may not connect"),
     }
 }
+
+/// Messages queued towards one camera (introductions) before it counts as not keeping up.
+const CAMERA_QUEUE: usize = 32;
+
+/// Sessions a viewer connection may hold unreported; older ones are forgotten (a viewer
+/// that never reports only loses its own metrics).
+const MAX_UNREPORTED: usize = 16;
 
 fn check_addrs(addrs: &[SocketAddr]) -> Result<(), String> {
     if addrs.len() > MAX_LOCAL_ADDRS {
@@ -517,7 +545,7 @@ async fn camera_session(
         }
         Err(RegisterError::Full) => return close_conn(&conn, close::BUSY, "registry full"),
     }
-    let (tx, mut rx) = mpsc::channel::<FromRendezvous>(32);
+    let (tx, mut rx) = mpsc::channel::<Box<FromRendezvous>>(CAMERA_QUEUE);
     lock(&shared.cameras).insert(
         conn_id,
         CameraLink {
@@ -527,11 +555,11 @@ async fn camera_session(
     );
     Metrics::inc(&shared.metrics.registrations_ok);
     info!(%observed, "camera registered");
-    let _ = tx.try_send(FromRendezvous::Registered { observed });
+    let _ = tx.try_send(Box::new(FromRendezvous::Registered { observed }));
     // The writer owns the send half; introductions queue behind the bounded channel.
     let _writer = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
-            if frame::write(&mut send, &msg).await.is_err() {
+            if frame::write(&mut send, &*msg).await.is_err() {
                 break;
             }
         }
@@ -598,9 +626,10 @@ fn camera_message(
                 .registry()
                 .set_access(camera, conn_id, access.into_iter().collect());
         }
-        ToRendezvous::Register { .. } | ToRendezvous::Connect { .. } | ToRendezvous::WhoAmI => {
-            return Err("unexpected message for a registered camera")
-        }
+        ToRendezvous::Register { .. }
+        | ToRendezvous::Connect { .. }
+        | ToRendezvous::WhoAmI
+        | ToRendezvous::Report { .. } => return Err("unexpected message for a registered camera"),
     }
     Ok(())
 }
@@ -629,6 +658,9 @@ async fn viewer_session(
     let Ok(viewer) = ViewerId::new(&peer.identity.id) else {
         return close_conn(&conn, close::WRONG_ROLE, "bad viewer id");
     };
+    // Sessions brokered on this connection and not yet reported: a report counts only
+    // for one of these, once, so nobody can inflate the path metrics.
+    let mut unreported: Vec<SessionId> = Vec::new();
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => {
@@ -641,7 +673,25 @@ async fn viewer_session(
                 camera,
                 local_addrs,
             })) if check_addrs(&local_addrs).is_ok() => {
-                introduce(&shared, &conn, &viewer, camera, local_addrs).await
+                let reply = introduce(&shared, &conn, &viewer, camera, local_addrs).await;
+                if let FromRendezvous::PeerReady { session, .. } = &reply {
+                    if unreported.len() >= MAX_UNREPORTED {
+                        unreported.remove(0);
+                    }
+                    unreported.push(*session);
+                }
+                reply
+            }
+            Ok(Some(ToRendezvous::Report { session, path })) => {
+                match unreported.iter().position(|s| *s == session) {
+                    Some(i) => {
+                        unreported.swap_remove(i);
+                        Metrics::inc(shared.metrics.path(path));
+                        debug!(%session, path = path.as_str(), "path reported");
+                    }
+                    None => debug!(%session, "report for a session not brokered here: ignored"),
+                }
+                continue;
             }
             Ok(Some(ToRendezvous::WhoAmI)) => you_are(&conn, &shared),
             Ok(None) | Err(FrameError::Io(_)) => return,
@@ -747,13 +797,13 @@ async fn introduce(
 async fn ask_camera(
     shared: &Shared,
     camera_conn: ConnId,
-    tx: &mpsc::Sender<FromRendezvous>,
+    tx: &mpsc::Sender<Box<FromRendezvous>>,
     session: SessionId,
     intro: FromRendezvous,
 ) -> Option<Answer> {
     let (reply, answer) = oneshot::channel();
     lock(&shared.pending).insert(session, Pending { camera_conn, reply });
-    let outcome = if tx.try_send(intro).is_ok() {
+    let outcome = if tx.try_send(Box::new(intro)).is_ok() {
         tokio::time::timeout(shared.limits.intro_timeout, answer)
             .await
             .ok()

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod lab;
 pub mod live;
+pub mod load;
 pub mod matrix;
 
 use std::future::Future;

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use peercam_certs::{Identity, Role};
 use peercam_common::frame;
-use peercam_common::rdv::{FromRendezvous, ToRendezvous};
+use peercam_common::rdv::{FromRendezvous, PathKind, ToRendezvous};
 use peercam_common::tls::{self, Expect};
 use peercam_common::{media, net, quic, rdv, SessionId, ViewerId};
 use quinn::{ConnectionError, VarInt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info};
 
 use crate::{Config, RelayMode, ViewError};
@@ -57,6 +58,8 @@ pub(crate) struct Link {
     pub(crate) remote: SocketAddr,
     pub(crate) session: SessionId,
     pub(crate) connected_after: Duration,
+    /// Reports the path to the rendezvous, then closes that connection; owned by the link.
+    pub(crate) _report: AbortOnDropHandle<()>,
 }
 
 fn setup(e: impl fmt::Display) -> ViewError {
@@ -214,8 +217,13 @@ impl RendezvousLink {
             if relay.is_some() { " and the relay" } else { "" }
         );
         let link = dial(config, &endpoint, &candidates, relay, rtt_hint).await;
-        rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"connected");
-        let (conn, remote) = link?;
+        let (conn, remote) = match link {
+            Ok(link) => link,
+            Err(e) => {
+                rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"not connected");
+                return Err(e);
+            }
+        };
         // A host candidate that is also the observed address is a public host: direct. A
         // global IPv6 host candidate behind routers is direct too: lan means on our link.
         let path = if Some(remote) == relay {
@@ -227,6 +235,8 @@ impl RendezvousLink {
             Path::Direct
         };
         let connected_after = started.elapsed();
+        let report =
+            AbortOnDropHandle::new(tokio::spawn(report_path(rdv_conn, send, session, path)));
         info!(
             target: "progress",
             "connected to camera {}: {path} {remote} in {:.0} ms (end-to-end encrypted, identity verified)",
@@ -240,8 +250,32 @@ impl RendezvousLink {
             remote,
             session,
             connected_after,
+            _report: report,
         })
     }
+}
+
+/// Longest the rendezvous connection stays open for the path report to be acknowledged.
+const REPORT_WAIT: Duration = Duration::from_secs(2);
+
+/// Tells the rendezvous which path this session took (its `/metrics` count paths), waits
+/// until the report is acknowledged (bounded), then hangs up on the rendezvous.
+async fn report_path(
+    rdv_conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    session: SessionId,
+    path: Path,
+) {
+    let path = match path {
+        Path::Lan => PathKind::Lan,
+        Path::Direct => PathKind::Direct,
+        Path::Relay => PathKind::Relay,
+    };
+    let report = ToRendezvous::Report { session, path };
+    if frame::write(&mut send, &report).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(REPORT_WAIT, send.stopped()).await;
+    }
+    rdv_conn.close(VarInt::from_u32(rdv::close::OK), b"connected");
 }
 
 /// How long a relayed connection waits for a direct one still in progress: a direct path

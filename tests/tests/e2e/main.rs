@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod identity;
 mod live;
+mod load;
 mod nat;
 mod operations;
 mod recovery;
