@@ -10,8 +10,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use peercam_common::media::{Frame, StreamInfo};
 use tokio::sync::{broadcast, watch};
 
-/// Frames buffered per viewer before it counts as lagging.
-pub const BROADCAST_DEPTH: usize = 512;
+/// Frames buffered per viewer before it counts as lagging: about 5 s at 25 fps, 2 s at
+/// 60 fps, more than the latency budget. The broadcast keeps this many frames alive whether
+/// or not anyone watches (512 held ~10 MB of a 4 Mbit/s stream), so it stays near what a
+/// viewer within the budget can use. A power of two: tokio rounds up to one anyway.
+pub const BROADCAST_DEPTH: usize = 128;
 /// Most frames kept in the GOP cache (a source with a keyframe interval longer than this
 /// cannot give late viewers an instant start, but memory stays bounded).
 pub const MAX_CACHED_FRAMES: usize = 600;

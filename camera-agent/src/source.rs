@@ -116,6 +116,11 @@ impl Framer {
         }
     }
 
+    /// Whether parameter sets have been seen, so frames can be decoded.
+    fn ready(&self) -> bool {
+        self.sps.is_some() && self.pps.is_some()
+    }
+
     /// Publishes one access unit with `pts`; returns false if it was dropped.
     pub(crate) fn publish(&mut self, au: AccessUnit, pts: u64) -> bool {
         if au.has_parameter_sets {
@@ -229,33 +234,58 @@ async fn run_exec(command: &str, fanout: Arc<Fanout>) -> Result<(), SourceError>
 
 async fn run_file(path: PathBuf, looped: bool, mut framer: Framer) -> Result<(), SourceError> {
     let name = path.display().to_string();
-    let data = tokio::fs::read(&path)
-        .await
-        .map_err(|source| SourceError::Io {
-            path: name.clone(),
-            source,
-        })?;
-    let aus = h264::split_access_units(&data).map_err(|source| SourceError::H264 {
+    let io = |source| SourceError::Io {
         path: name.clone(),
         source,
-    })?;
-    if !aus.iter().any(|au| au.is_idr && au.has_parameter_sets) {
-        return Err(SourceError::NoKeyframe(name));
-    }
-    info!(source = %name, frames = aus.len(), looped, "streaming file");
+    };
+    // Read as it plays, not into memory at once: a camera has tens of megabytes, a
+    // recording can have gigabytes.
     let start = Instant::now();
-    let mut n: u64 = 0;
-    loop {
-        for au in &aus {
-            let at = start + Duration::from_secs_f64(n as f64 / framer.fps);
-            tokio::time::sleep_until(at).await;
-            let pts = (n as f64 * TIMESCALE as f64 / framer.fps).round() as u64;
-            framer.publish(au.clone(), pts);
-            n += 1;
+    let mut sent: u64 = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    for pass in 0u64.. {
+        let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+        let mut reader = AnnexBReader::new();
+        let sent_before = sent;
+        loop {
+            let n = file.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                while let Some(au) = reader.finish() {
+                    play(&mut framer, au, start, &mut sent).await;
+                }
+                break;
+            }
+            if let Err(e) = reader.push(&buf[..n]) {
+                warn!(source = %name, error = %e, "dropped a damaged access unit");
+            }
+            while let Some(au) = reader.next_access_unit() {
+                play(&mut framer, au, start, &mut sent).await;
+            }
+        }
+        if sent == sent_before {
+            return Err(SourceError::NoKeyframe(name));
+        }
+        if pass == 0 {
+            info!(source = %name, frames = sent, looped, "streamed file once");
         }
         if !looped {
             return Ok(());
         }
+    }
+    Ok(())
+}
+
+/// Publishes one access unit of a file at its time; frames that cannot be decoded yet
+/// (before the first parameter sets) are dropped without waiting.
+async fn play(framer: &mut Framer, au: AccessUnit, start: Instant, sent: &mut u64) {
+    if !(au.has_parameter_sets || framer.ready()) {
+        return;
+    }
+    let at = start + Duration::from_secs_f64(*sent as f64 / framer.fps);
+    tokio::time::sleep_until(at).await;
+    let pts = (*sent as f64 * TIMESCALE as f64 / framer.fps).round() as u64;
+    if framer.publish(au, pts) {
+        *sent += 1;
     }
 }
 
