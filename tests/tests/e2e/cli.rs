@@ -495,7 +495,15 @@ fn camera_status_shows_registration_viewers_and_warnings() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is camera-agent running"));
 
     let (_cam, _log) = dep.start_camera(&["--status-socket", s(&socket)]);
-    let out = run("camera-agent", &["status", "--socket", s(&socket)]);
+    // The log line comes first; the status socket may lag it by a moment under load.
+    let mut out = run("camera-agent", &["status", "--socket", s(&socket)]);
+    for _ in 0..50 {
+        if String::from_utf8_lossy(&out.stdout).contains("registered, seen at") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        out = run("camera-agent", &["status", "--socket", s(&socket)]);
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
