@@ -341,11 +341,12 @@ async fn ping_loop(mut send: quinn::SendStream, mut recv: RecvStream, offset: Of
 /// How often a reader blocked on a GOP stream checks whether a newer GOP waits.
 const STALL_CHECK: Duration = Duration::from_millis(10);
 
-/// How long a GOP may keep the reader waiting once a newer GOP waits. Shorter than a
-/// retransmission: every frame of the newer GOP waits as long as the older one is read,
-/// and a skipped tail frame or two costs less than a freeze at every GOP boundary.
+/// How long a GOP may keep the reader waiting once a newer GOP waits: about one round
+/// trip, time for a lost packet to be resent when it was noticed at once. Every frame of
+/// the newer GOP waits as long as the older one is read, so this is kept short: measured
+/// against half and twice this (BENCHMARKS.md, "Live video").
 fn stall_grace(conn: &quinn::Connection, budget: Duration) -> Duration {
-    (conn.rtt() / 2 + Duration::from_millis(10)).clamp(Duration::from_millis(20), budget)
+    (conn.rtt() + Duration::from_millis(10)).clamp(Duration::from_millis(30), budget)
 }
 
 /// Reads GOP streams in order and turns them into frame events.
