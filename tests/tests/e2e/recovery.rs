@@ -1,5 +1,8 @@
 //! The system heals itself: a rendezvous restart is followed by re-registration.
 
+use std::time::{Duration, Instant};
+
+use peercam_common::going_away::Spread;
 use peercam_tests::*;
 
 #[tokio::test]
@@ -53,6 +56,66 @@ async fn camera_fails_over_to_the_next_rendezvous_in_its_list() {
         5
     );
     drop(dead);
+    cam.shutdown();
+    rdv.shutdown();
+}
+
+/// A rendezvous shutting down tells its cameras how long to spread their reconnects over
+/// (`GoingAway`); the camera draws a delay within that window, waits it, then registers
+/// with the next process, instead of coming back within its 0–100 ms backoff.
+#[tokio::test]
+async fn camera_told_going_away_reconnects_within_the_announced_window() {
+    init_tracing();
+    let pki = Pki::new();
+    let window = Duration::from_secs(2);
+    let config = |listen| peercam_rendezvous::Config {
+        listen,
+        credentials: pki.creds(peercam_certs::Role::Rendezvous, "rdv"),
+        trust: pki.trust(),
+        limits: peercam_rendezvous::Limits {
+            drain: Duration::from_millis(300),
+            // One camera at 1,000/s is a 1 ms window: the minimum decides.
+            reconnect_spread: Spread {
+                min: window,
+                ..Spread::default()
+            },
+            ..Default::default()
+        },
+    };
+    let rdv = peercam_rendezvous::start(config(any_port()))
+        .await
+        .expect("rendezvous starts");
+    let addr = rdv.local_addr();
+    let cam = start_camera(&pki, "cam-1", addr, &["alice"]).await;
+    let mut status = cam.watch_status();
+    let t0 = Instant::now();
+    rdv.shutdown();
+    rdv.join().await;
+    let told = within(
+        5,
+        "GoingAway acted on",
+        status.wait_for(|s| s.going_away.is_some()),
+    )
+    .await
+    .expect("status channel open")
+    .going_away
+    .expect("waited for it");
+    assert_eq!(told.window, window, "the window the rendezvous announced");
+    assert!(told.delay <= window, "{told:?}");
+    let rdv = peercam_rendezvous::start(config(addr))
+        .await
+        .expect("rendezvous starts again");
+    wait_registrations(&cam, 2).await;
+    let back = t0.elapsed();
+    assert!(
+        back >= told.delay,
+        "registered again after {back:?}, before the drawn delay {:?}",
+        told.delay
+    );
+    assert!(
+        back <= window + Duration::from_secs(2),
+        "registered again only after {back:?}"
+    );
     cam.shutdown();
     rdv.shutdown();
 }
