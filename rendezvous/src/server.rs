@@ -601,17 +601,20 @@ async fn camera_session(
     let _ = tx.try_send(Box::new(FromRendezvous::Registered { observed }));
     // The writer owns the send half; introductions queue behind the bounded channel. On
     // shutdown it sends GoingAway last and waits for the camera to acknowledge it.
+    let says_goodbye = version >= GOING_AWAY_SINCE;
     let mut writer = AbortOnDropHandle::new(tokio::spawn(write_to_camera(
         send,
         rx,
-        (version >= GOING_AWAY_SINCE).then(|| shared.clone()),
+        says_goodbye.then(|| shared.clone()),
         cancel.clone(),
     )));
     drop(tx);
     let reason = loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = tokio::time::timeout(shared.limits.drain, &mut writer).await;
+                if says_goodbye {
+                    let _ = tokio::time::timeout(shared.limits.drain, &mut writer).await;
+                }
                 // Close with our code before the stream ends, so the camera learns why.
                 close_conn(&conn, close::SHUTDOWN, "rendezvous shutting down");
                 break "shutdown";
@@ -644,9 +647,11 @@ async fn camera_session(
     info!(reason, "camera unregistered");
 }
 
-/// Writes queued messages to a camera until the stream fails or shutdown; then, for a
-/// camera that understands it (`going_away` is `Some`), sends `GoingAway` and waits until
-/// the camera has it (acknowledged, or the camera hung up).
+/// Writes queued messages to a camera until the stream fails. For a camera that
+/// understands it (`going_away` is `Some`), on shutdown: sends `GoingAway` and waits until
+/// the camera has it (acknowledged, or the camera hung up). For an older one, keeps the
+/// stream open until the session closes the connection: ending it first would show the
+/// camera a finished stream instead of the `SHUTDOWN` close.
 async fn write_to_camera(
     mut send: SendStream,
     mut rx: mpsc::Receiver<Box<FromRendezvous>>,
@@ -655,7 +660,7 @@ async fn write_to_camera(
 ) {
     loop {
         let msg = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled(), if going_away.is_some() => break,
             msg = rx.recv() => msg,
         };
         let Some(msg) = msg else { return };
