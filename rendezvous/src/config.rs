@@ -42,7 +42,7 @@ pub struct FileConfig {
     /// Unvalidated handshakes in progress above which clients must answer a QUIC Retry
     /// first (default 1024; 0 = always).
     pub retry_threshold: Option<usize>,
-    /// Registrations per second this rendezvous sustains (default 1000). On shutdown it
+    /// Registrations per second this rendezvous sustains (default 500). On shutdown it
     /// asks its cameras to spread their reconnects over `cameras / registration_rate`
     /// seconds (0.5–120 s), so that a restart does not bring them all back at once.
     pub registration_rate: Option<f64>,
@@ -245,18 +245,18 @@ mod tests {
 
     #[test]
     fn registration_rate_sizes_the_reconnect_window() {
-        let file = FileConfig::parse("registration_rate = 500.0\n", Path::new("r.toml")).unwrap();
-        assert_eq!(file.registration_rate, Some(500.0));
+        let file = FileConfig::parse("registration_rate = 2000.0\n", Path::new("r.toml")).unwrap();
+        assert_eq!(file.registration_rate, Some(2000.0));
         let mut limits = Limits::default();
         assert_eq!(
             limits.reconnect_spread.window(10_000),
-            Duration::from_secs(10),
-            "default 1000/s"
+            Duration::from_secs(20),
+            "default 500/s"
         );
         limits.reconnect_spread.rate = file.registration_rate.unwrap();
         assert_eq!(
             limits.reconnect_spread.window(10_000),
-            Duration::from_secs(20)
+            Duration::from_secs(5)
         );
     }
 

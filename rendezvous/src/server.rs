@@ -59,8 +59,8 @@ pub struct Limits {
     pub first_message_timeout: Duration,
     /// How long a control frame may take to arrive once it has started.
     pub frame_timeout: Duration,
-    /// How long shutdown waits for cameras to acknowledge `GoingAway`, and then for
-    /// close frames to reach peers.
+    /// How long shutdown waits in all: for cameras to acknowledge `GoingAway` (at most
+    /// half of it), then for close frames to reach peers.
     pub drain: Duration,
     /// How the reconnect window announced on shutdown is sized (fleet / rate, bounded).
     pub reconnect_spread: Spread,
@@ -416,13 +416,16 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: Can
     endpoint.set_server_config(None);
     // Camera sessions send GoingAway and close once it is acknowledged; every other task
     // ends at once on cancel. Closing the endpoint first would discard the unsent message.
+    // Both waits share `drain`, so the port is not held longer than before GoingAway: a
+    // lingering process is time in which early reconnects pile up (`BENCHMARKS.md`).
+    let deadline = tokio::time::Instant::now() + shared.limits.drain;
     let sessions = async { while tasks.join_next().await.is_some() {} };
-    let _ = tokio::time::timeout(shared.limits.drain, sessions).await;
+    let _ = tokio::time::timeout_at(deadline - shared.limits.drain / 2, sessions).await;
     endpoint.close(
         VarInt::from_u32(close::SHUTDOWN),
         b"rendezvous shutting down",
     );
-    let _ = tokio::time::timeout(shared.limits.drain, endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout_at(deadline, endpoint.wait_idle()).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     if let Some(relay) = &shared.relay {
@@ -613,7 +616,7 @@ async fn camera_session(
         let msg = tokio::select! {
             _ = cancel.cancelled() => {
                 if says_goodbye {
-                    let _ = tokio::time::timeout(shared.limits.drain, &mut writer).await;
+                    let _ = tokio::time::timeout(shared.limits.drain / 2, &mut writer).await;
                 }
                 // Close with our code before the stream ends, so the camera learns why.
                 close_conn(&conn, close::SHUTDOWN, "rendezvous shutting down");

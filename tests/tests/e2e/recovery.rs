@@ -79,7 +79,7 @@ async fn camera_told_going_away_reconnects_within_the_announced_window() {
         trust: pki.trust(),
         limits: peercam_rendezvous::Limits {
             drain: Duration::from_millis(300),
-            // Four cameras at 1,000/s is a 4 ms window: the minimum decides.
+            // Four cameras at 500/s is an 8 ms window: the minimum decides.
             reconnect_spread: Spread {
                 min: window,
                 ..Spread::default()
