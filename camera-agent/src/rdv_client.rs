@@ -4,8 +4,9 @@
 //! Reconnects after any loss with exponential backoff and full jitter, moving on to the
 //! next configured rendezvous when one cannot be reached. After a rendezvous' `GoingAway`
 //! the first reconnect waits a random delay within the window it announced
-//! (`common::going_away`), so that a restart does not bring the whole fleet back at once. An introduction is checked
-//! against the camera's own access list before anything is sent to the viewer.
+//! (`common::going_away`), so that a restart does not bring the whole fleet back at once.
+//! An introduction is checked against the camera's own access list before anything is
+//! sent to the viewer.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -70,8 +71,11 @@ pub(crate) async fn run(mut client: Client, state: Arc<State>, cancel: Cancellat
                 // Later attempts, if this one fails, use the backoff from its base.
                 client.backoff.reset();
                 let delay = going_away::first_reconnect_delay(within_ms, rand::random::<f64>());
-                let window = going_away::first_reconnect_delay(within_ms, 1.0);
-                info!(rendezvous = %target.addr, ?window, ?delay, "rendezvous going away, reconnecting within its window");
+                let window = going_away::accepted_window(within_ms);
+                info!(
+                    rendezvous = %target.addr, ?window, ?delay,
+                    "rendezvous going away, reconnecting within its window"
+                );
                 state
                     .status
                     .send_modify(|s| s.going_away = Some(GoingAway { window, delay }));

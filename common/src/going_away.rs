@@ -65,11 +65,16 @@ pub fn window_ms(window: Duration) -> u64 {
     u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The window a camera accepts from `GoingAway { reconnect_within_ms }`: as announced, at
+/// most [`MAX_WINDOW`].
+pub fn accepted_window(reconnect_within_ms: u64) -> Duration {
+    Duration::from_millis(reconnect_within_ms).min(MAX_WINDOW)
+}
+
 /// A camera's delay before its first reconnect after `GoingAway { reconnect_within_ms }`:
-/// uniform in `[0, window]` given `unit`, a random number in `[0, 1)`. The window is
-/// capped at [`MAX_WINDOW`] whatever the rendezvous said.
+/// uniform in the [`accepted_window`] given `unit`, a random number in `[0, 1)`.
 pub fn first_reconnect_delay(reconnect_within_ms: u64, unit: f64) -> Duration {
-    let window = Duration::from_millis(reconnect_within_ms).min(MAX_WINDOW);
+    let window = accepted_window(reconnect_within_ms);
     let unit = if unit.is_finite() {
         unit.clamp(0.0, 1.0)
     } else {
@@ -145,5 +150,7 @@ mod tests {
     fn camera_caps_an_announced_window() {
         assert_eq!(first_reconnect_delay(u64::MAX, 1.0), MAX_WINDOW);
         assert_eq!(first_reconnect_delay(3_600_000, 0.5), MAX_WINDOW / 2);
+        assert_eq!(accepted_window(u64::MAX), MAX_WINDOW);
+        assert_eq!(accepted_window(4321), Duration::from_millis(4321));
     }
 }
