@@ -131,6 +131,18 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Viewers connected now.
     pub viewers: usize,
+    /// The last `GoingAway` a rendezvous sent: the window it announced and the delay this
+    /// camera drew within it before reconnecting.
+    pub going_away: Option<GoingAway>,
+}
+
+/// A rendezvous' announced shutdown, as this camera acted on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GoingAway {
+    /// The window announced (`reconnect_within_ms`), as capped by this camera.
+    pub window: Duration,
+    /// The delay drawn uniformly within it before the first reconnect.
+    pub delay: Duration,
 }
 
 #[derive(Debug)]

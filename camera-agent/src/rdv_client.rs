@@ -2,8 +2,11 @@
 //! introductions.
 //!
 //! Reconnects after any loss with exponential backoff and full jitter, moving on to the
-//! next configured rendezvous when one cannot be reached. An introduction is checked
-//! against the camera's own access list before anything is sent to the viewer.
+//! next configured rendezvous when one cannot be reached. After a rendezvous' `GoingAway`
+//! the first reconnect waits a random delay within the window it announced
+//! (`common::going_away`), so that a restart does not bring the whole fleet back at once.
+//! An introduction is checked against the camera's own access list before anything is
+//! sent to the viewer.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -11,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use peercam_common::backoff::Backoff;
 use peercam_common::frame;
-use peercam_common::rdv::{Capabilities, FromRendezvous, RelayOffer, ToRendezvous, RELAY_HELLO};
+use peercam_common::going_away;
+use peercam_common::rdv::{
+    self, close, Capabilities, FromRendezvous, RelayOffer, ToRendezvous, RELAY_HELLO,
+};
 use peercam_common::{net, SessionId, ViewerId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -20,7 +26,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::punch;
-use crate::{RendezvousAddr, State};
+use crate::{GoingAway, RendezvousAddr, State};
 
 /// How long to wait for the handshake and the registration answer.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,6 +46,9 @@ enum Ended {
     Failed(String),
     /// Was registered, then lost the connection.
     Lost(String),
+    /// Was registered; the rendezvous is shutting down and asked for the first reconnect
+    /// within this many milliseconds.
+    GoingAway(u64),
 }
 
 pub(crate) async fn run(mut client: Client, state: Arc<State>, cancel: CancellationToken) {
@@ -52,18 +61,33 @@ pub(crate) async fn run(mut client: Client, state: Arc<State>, cancel: Cancellat
         };
         state.status.send_modify(|s| s.registered = None);
         state.set_registered(false);
-        match ended {
+        let delay = match ended {
             Ended::Lost(why) => {
                 warn!(rendezvous = %target.addr, reason = %why, "lost the rendezvous, reconnecting");
                 client.backoff.reset();
+                client.backoff.next_delay(rand::random::<f64>())
+            }
+            Ended::GoingAway(within_ms) => {
+                // Later attempts, if this one fails, use the backoff from its base.
+                client.backoff.reset();
+                let delay = going_away::first_reconnect_delay(within_ms, rand::random::<f64>());
+                let window = going_away::accepted_window(within_ms);
+                info!(
+                    rendezvous = %target.addr, ?window, ?delay,
+                    "rendezvous going away, reconnecting within its window"
+                );
+                state
+                    .status
+                    .send_modify(|s| s.going_away = Some(GoingAway { window, delay }));
+                delay
             }
             Ended::Failed(why) => {
                 warn!(rendezvous = %target.addr, reason = %why, "cannot register");
                 state.status.send_modify(|s| s.last_error = Some(why));
                 index += 1;
+                client.backoff.next_delay(rand::random::<f64>())
             }
-        }
-        let delay = client.backoff.next_delay(rand::random::<f64>());
+        };
         debug!(?delay, "waiting before reconnecting");
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -105,7 +129,7 @@ async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> End
         access: state.access_list(),
         caps: Capabilities {
             codecs: vec!["h264".into()],
-            version: 1,
+            version: rdv::AGENT_VERSION,
         },
     };
     if let Err(e) = frame::write(&mut send, &register).await {
@@ -186,6 +210,13 @@ async fn session(client: &Client, target: &RendezvousAddr, state: &State) -> End
                 if let Err(e) = frame::write(&mut send, &reply).await {
                     return Ended::Lost(format!("cannot answer introduction: {e}"));
                 }
+            }
+            Ok(Some(FromRendezvous::GoingAway {
+                reconnect_within_ms,
+            })) => {
+                // Hang up now rather than wait for its close: it is draining.
+                conn.close(quinn::VarInt::from_u32(close::OK), b"rendezvous going away");
+                return Ended::GoingAway(reconnect_within_ms);
             }
             Ok(Some(other)) => debug!(?other, "ignoring unexpected message"),
             Ok(None) => return Ended::Lost("rendezvous closed the stream".into()),

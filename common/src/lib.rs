@@ -10,6 +10,7 @@
 pub mod backoff;
 pub mod config;
 pub mod frame;
+pub mod going_away;
 pub mod h264;
 pub mod ids;
 pub mod impair;

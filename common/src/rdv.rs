@@ -51,6 +51,13 @@ pub mod close {
     pub const BUSY: u32 = 6;
 }
 
+/// Protocol version a camera-agent announces in [`Capabilities::version`].
+pub const AGENT_VERSION: u32 = 2;
+/// First agent version that understands [`FromRendezvous::GoingAway`]; older cameras get
+/// only the `SHUTDOWN` close, as before (sending it to them would make them reconnect
+/// while this process still drains, measured worse than not sending it).
+pub const GOING_AWAY_SINCE: u32 = 2;
+
 /// What a camera can do, announced at registration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
@@ -212,6 +219,15 @@ pub enum FromRendezvous {
         /// A sentence for logs.
         message: String,
     },
+    /// Camera: this rendezvous is shutting down (a `SHUTDOWN` close follows). Wait a
+    /// uniformly random delay in `[0, reconnect_within_ms]` before the first reconnect,
+    /// so that the fleet comes back at a rate the rendezvous sustains
+    /// (`going_away`). Sent last on the stream, only to cameras that announced version
+    /// [`GOING_AWAY_SINCE`] or later (an older one would fail to decode it).
+    GoingAway {
+        /// The window to spread the first reconnect over, in milliseconds.
+        reconnect_within_ms: u64,
+    },
 }
 
 #[cfg(test)]
@@ -251,14 +267,23 @@ mod tests {
             let bytes = encode(&msg).expect("encode");
             assert_eq!(decode::<ToRendezvous>(&bytes[4..]).expect("decode"), msg);
         }
-        let reply = FromRendezvous::Refused {
-            reason: Refusal::Offline { last_seen_secs: 9 },
-        };
-        let bytes = encode(&reply).expect("encode");
-        assert_eq!(
-            decode::<FromRendezvous>(&bytes[4..]).expect("decode"),
-            reply
-        );
+        for reply in [
+            FromRendezvous::Refused {
+                reason: Refusal::Offline { last_seen_secs: 9 },
+            },
+            FromRendezvous::GoingAway {
+                reconnect_within_ms: 5000,
+            },
+            FromRendezvous::GoingAway {
+                reconnect_within_ms: u64::MAX,
+            },
+        ] {
+            let bytes = encode(&reply).expect("encode");
+            assert_eq!(
+                decode::<FromRendezvous>(&bytes[4..]).expect("decode"),
+                reply
+            );
+        }
     }
 
     /// Renaming a Rust identifier must not silently change the wire.
@@ -288,6 +313,15 @@ mod tests {
             path: PathKind::Direct,
         };
         assert_eq!(hex_of(&report), GOLDEN_REPORT);
+        let going = FromRendezvous::GoingAway {
+            reconnect_within_ms: 5000,
+        };
+        let hex: String = encode(&going)
+            .expect("encode")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, GOLDEN_GOING_AWAY);
         for (kind, name) in [
             (PathKind::Lan, "Lan"),
             (PathKind::Direct, "Direct"),
@@ -310,7 +344,31 @@ mod tests {
     const GOLDEN_REFUSED: &str =
         "0000001da16752656675736564a166726561736f6e6b556e617661696c61626c65";
 
+    /// `{"GoingAway": {"reconnect_within_ms": 5000}}`.
+    const GOLDEN_GOING_AWAY: &str =
+        "00000023a169476f696e6741776179a1737265636f6e6e6563745f77697468696e5f6d73191388";
     const GOLDEN_REPORT: &str = "0000002ea1665265706f7274a26773657373696f6e5001010101010101010101010101010101647061746866446972656374";
+
+    /// What a camera-agent from before `GoingAway` sees: a decode error (it then ends the
+    /// session and reconnects with its backoff, as after the `SHUTDOWN` close that
+    /// follows), never a panic and never a wrong message.
+    #[test]
+    fn going_away_is_an_error_for_older_peers() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        enum OldFromRendezvous {
+            Registered { observed: SocketAddr },
+            Error { message: String },
+        }
+        let bytes = encode(&FromRendezvous::GoingAway {
+            reconnect_within_ms: 5000,
+        })
+        .expect("encode");
+        assert!(matches!(
+            decode::<OldFromRendezvous>(&bytes[4..]),
+            Err(crate::frame::FrameError::Malformed(_))
+        ));
+    }
 
     #[test]
     fn path_kinds_round_trip_and_name_themselves() {

@@ -42,6 +42,10 @@ pub struct FileConfig {
     /// Unvalidated handshakes in progress above which clients must answer a QUIC Retry
     /// first (default 1024; 0 = always).
     pub retry_threshold: Option<usize>,
+    /// Registrations per second this rendezvous sustains (default 500). On shutdown it
+    /// asks its cameras to spread their reconnects over `cameras / registration_rate`
+    /// seconds (0.5–120 s), so that a restart does not bring them all back at once.
+    pub registration_rate: Option<f64>,
     /// Second UDP address for netcheck (default: the listen port + 1; "off" is not a
     /// value: set `probe = false` to disable).
     pub probe_listen: Option<SocketAddr>,
@@ -162,6 +166,9 @@ impl FileConfig {
         if let Some(n) = self.retry_threshold {
             limits.retry_threshold = n;
         }
+        if let Some(r) = self.registration_rate {
+            limits.reconnect_spread.rate = r.max(1.0);
+        }
         if self.relay == Some(false) {
             limits.relay = None;
         }
@@ -233,6 +240,23 @@ mod tests {
         assert!(
             FileConfig::default().cluster.is_none(),
             "single node by default"
+        );
+    }
+
+    #[test]
+    fn registration_rate_sizes_the_reconnect_window() {
+        let file = FileConfig::parse("registration_rate = 2000.0\n", Path::new("r.toml")).unwrap();
+        assert_eq!(file.registration_rate, Some(2000.0));
+        let mut limits = Limits::default();
+        assert_eq!(
+            limits.reconnect_spread.window(10_000),
+            Duration::from_secs(20),
+            "default 500/s"
+        );
+        limits.reconnect_spread.rate = file.registration_rate.unwrap();
+        assert_eq!(
+            limits.reconnect_spread.window(10_000),
+            Duration::from_secs(5)
         );
     }
 

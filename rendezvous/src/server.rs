@@ -2,21 +2,24 @@
 //! camera or viewer, and brokers introductions between them.
 //!
 //! Owns tasks, sockets and timeouts; every decision about who may register or look up what
-//! is delegated to [`Registry`]. Shutdown: cancel, stop accepting, close every connection
-//! with [`close::SHUTDOWN`] so peers reconnect, wait for the close to go out, abort the rest.
+//! is delegated to [`Registry`]. Shutdown: cancel, stop accepting, tell every camera
+//! `GoingAway` (how long to spread its reconnect over, sized to this fleet), close every
+//! connection with [`close::SHUTDOWN`] so peers reconnect, wait for the close to go out,
+//! abort the rest.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use peercam_certs::Role;
 use peercam_common::frame::{self, FrameError};
+use peercam_common::going_away::{self, Spread};
 use peercam_common::net::canonical;
 use peercam_common::rdv::{
-    close, FromRendezvous, Refusal, RelayOffer, ToRendezvous, ALPN, MAX_ACCESS_LIST,
-    MAX_LOCAL_ADDRS,
+    close, FromRendezvous, Refusal, RelayOffer, ToRendezvous, ALPN, GOING_AWAY_SINCE,
+    MAX_ACCESS_LIST, MAX_LOCAL_ADDRS,
 };
 use peercam_common::tls::{self, peer_identity, Credentials, PeerIdentity, Trust};
 use peercam_common::{quic, CameraId, SessionId, ViewerId};
@@ -56,8 +59,11 @@ pub struct Limits {
     pub first_message_timeout: Duration,
     /// How long a control frame may take to arrive once it has started.
     pub frame_timeout: Duration,
-    /// How long shutdown waits for close frames to reach peers.
+    /// How long shutdown waits in all: for cameras to acknowledge `GoingAway` (at most
+    /// half of it), then for close frames to reach peers.
     pub drain: Duration,
+    /// How the reconnect window announced on shutdown is sized (fleet / rate, bounded).
+    pub reconnect_spread: Spread,
     /// Unvalidated handshakes in progress above which new clients must first prove their
     /// address with a QUIC Retry (0: always). Below it, quinn's anti-amplification limit
     /// applies (three times what the address sent, plus at most one datagram).
@@ -86,6 +92,7 @@ impl Default for Limits {
             first_message_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(2),
+            reconnect_spread: Spread::default(),
             retry_threshold: DEFAULT_RETRY_THRESHOLD,
             probe_listen: None,
             admin_listen: None,
@@ -205,6 +212,9 @@ struct Shared {
     metrics: Metrics,
     limits: Limits,
     cluster: Option<Arc<Cluster>>,
+    /// The reconnect window announced on shutdown, sized once, by the first camera session
+    /// to say goodbye (before any has unregistered).
+    going_away: OnceLock<Duration>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -222,6 +232,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         lock(&self.registry)
+    }
+
+    /// The window every camera is told to spread its reconnect over on shutdown.
+    fn going_away_window(&self) -> Duration {
+        *self.going_away.get_or_init(|| {
+            let cameras = lock(&self.cameras).len();
+            let window = self.limits.reconnect_spread.window(cameras);
+            info!(
+                cameras,
+                window_ms = going_away::window_ms(window),
+                "asking cameras to spread their reconnects"
+            );
+            window
+        })
     }
 
     fn gauges(&self) -> admin::Gauges {
@@ -276,6 +300,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         metrics: Metrics::default(),
         limits: config.limits,
         cluster: cluster.as_ref().map(|(c, ..)| c.clone()),
+        going_away: OnceLock::new(),
     });
     let cancel = CancellationToken::new();
     let admin = match shared.limits.admin_listen {
@@ -383,17 +408,24 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: Can
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
-    info!("shutting down: closing connections");
+    info!("shutting down: telling cameras, then closing connections");
     // Stop accepting silently rather than refusing: a camera that reconnects at once (its
     // session was just closed with SHUTDOWN) resends its Initial after a probe timeout,
     // and on a restart that lands on the next process bound to this port instead of
     // failing against this one while it drains (`BENCHMARKS.md`, restart).
     endpoint.set_server_config(None);
+    // Camera sessions send GoingAway and close once it is acknowledged; every other task
+    // ends at once on cancel. Closing the endpoint first would discard the unsent message.
+    // Both waits share `drain`, so the port is not held longer than before GoingAway: a
+    // lingering process is time in which early reconnects pile up (`BENCHMARKS.md`).
+    let deadline = tokio::time::Instant::now() + shared.limits.drain;
+    let sessions = async { while tasks.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout_at(deadline - shared.limits.drain / 2, sessions).await;
     endpoint.close(
         VarInt::from_u32(close::SHUTDOWN),
         b"rendezvous shutting down",
     );
-    let _ = tokio::time::timeout(shared.limits.drain, endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout_at(deadline, endpoint.wait_idle()).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     if let Some(relay) = &shared.relay {
@@ -413,8 +445,13 @@ async fn handle_incoming(
 ) {
     let limit = shared.limits.first_message_timeout;
     shared.handshaking.fetch_add(1, Ordering::Relaxed);
-    let handshake = tokio::time::timeout(limit, incoming).await;
+    let handshake = cancel
+        .run_until_cancelled(tokio::time::timeout(limit, incoming))
+        .await;
     shared.handshaking.fetch_sub(1, Ordering::Relaxed);
+    let Some(handshake) = handshake else {
+        return; // shutting down: the endpoint's close ends it
+    };
     let conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
@@ -432,8 +469,10 @@ async fn handle_incoming(
         close_conn(&conn, close::WRONG_ROLE, "no peercam identity");
         return;
     };
-    let streams = tokio::time::timeout(limit, conn.accept_bi()).await;
-    let Ok(Ok((send, recv))) = streams else {
+    let streams = cancel
+        .run_until_cancelled(tokio::time::timeout(limit, conn.accept_bi()))
+        .await;
+    let Some(Ok(Ok((send, recv)))) = streams else {
         debug!("no control stream opened");
         close_conn(&conn, close::PROTOCOL, "expected a control stream");
         return;
@@ -483,16 +522,23 @@ async fn camera_session(
         return close_conn(&conn, close::WRONG_ROLE, "bad camera id");
     };
     let first = tokio::time::timeout(shared.limits.first_message_timeout, frame::read(&mut recv));
-    let (local_addrs, access) = match first.await {
+    let Some(first) = cancel.run_until_cancelled(first).await else {
+        return close_conn(&conn, close::SHUTDOWN, "rendezvous shutting down");
+    };
+    let (local_addrs, access, version) = match first {
         Ok(Ok(Some(ToRendezvous::Register {
             local_addrs,
             access,
-            ..
+            caps,
         }))) if access.len() <= MAX_ACCESS_LIST && check_addrs(&local_addrs).is_ok() => {
-            (local_addrs, access)
+            (local_addrs, access, caps.version)
         }
         Ok(Ok(Some(ToRendezvous::WhoAmI))) => {
-            return who_am_i(&conn, &mut send, &mut recv, &shared).await;
+            let netcheck = who_am_i(&conn, &mut send, &mut recv, &shared);
+            if cancel.run_until_cancelled(netcheck).await.is_none() {
+                close_conn(&conn, close::SHUTDOWN, "rendezvous shutting down");
+            }
+            return;
         }
         _ => return close_conn(&conn, close::PROTOCOL, "expected Register"),
     };
@@ -545,7 +591,7 @@ async fn camera_session(
         }
         Err(RegisterError::Full) => return close_conn(&conn, close::BUSY, "registry full"),
     }
-    let (tx, mut rx) = mpsc::channel::<Box<FromRendezvous>>(CAMERA_QUEUE);
+    let (tx, rx) = mpsc::channel::<Box<FromRendezvous>>(CAMERA_QUEUE);
     lock(&shared.cameras).insert(
         conn_id,
         CameraLink {
@@ -556,18 +602,22 @@ async fn camera_session(
     Metrics::inc(&shared.metrics.registrations_ok);
     info!(%observed, "camera registered");
     let _ = tx.try_send(Box::new(FromRendezvous::Registered { observed }));
-    // The writer owns the send half; introductions queue behind the bounded channel.
-    let _writer = AbortOnDropHandle::new(tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            if frame::write(&mut send, &*msg).await.is_err() {
-                break;
-            }
-        }
-    }));
+    // The writer owns the send half; introductions queue behind the bounded channel. On
+    // shutdown it sends GoingAway last and waits for the camera to acknowledge it.
+    let says_goodbye = version >= GOING_AWAY_SINCE;
+    let mut writer = AbortOnDropHandle::new(tokio::spawn(write_to_camera(
+        send,
+        rx,
+        says_goodbye.then(|| shared.clone()),
+        cancel.clone(),
+    )));
     drop(tx);
     let reason = loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => {
+                if says_goodbye {
+                    let _ = tokio::time::timeout(shared.limits.drain / 2, &mut writer).await;
+                }
                 // Close with our code before the stream ends, so the camera learns why.
                 close_conn(&conn, close::SHUTDOWN, "rendezvous shutting down");
                 break "shutdown";
@@ -598,6 +648,38 @@ async fn camera_session(
         c.release(&camera, conn_id);
     }
     info!(reason, "camera unregistered");
+}
+
+/// Writes queued messages to a camera until the stream fails. For a camera that
+/// understands it (`going_away` is `Some`), on shutdown: sends `GoingAway` and waits until
+/// the camera has it (acknowledged, or the camera hung up). For an older one, keeps the
+/// stream open until the session closes the connection: ending it first would show the
+/// camera a finished stream instead of the `SHUTDOWN` close.
+async fn write_to_camera(
+    mut send: SendStream,
+    mut rx: mpsc::Receiver<Box<FromRendezvous>>,
+    going_away: Option<Arc<Shared>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled(), if going_away.is_some() => break,
+            msg = rx.recv() => msg,
+        };
+        let Some(msg) = msg else { return };
+        if frame::write(&mut send, &*msg).await.is_err() {
+            return;
+        }
+    }
+    let Some(shared) = going_away else { return };
+    let window = shared.going_away_window();
+    let going = FromRendezvous::GoingAway {
+        reconnect_within_ms: going_away::window_ms(window),
+    };
+    if frame::write(&mut send, &going).await.is_ok() && send.finish().is_ok() {
+        let _ = send.stopped().await;
+    }
+    debug!("camera told to reconnect within {window:?}");
 }
 
 fn camera_message(

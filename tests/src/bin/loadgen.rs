@@ -42,10 +42,15 @@ struct Cli {
     /// Viewer connections issuing connects.
     #[arg(long, default_value_t = 16)]
     viewer_conns: usize,
-    /// Instead of camera-agent's reconnect policy, cameras whose session the rendezvous
-    /// closed with SHUTDOWN wait uniformly in [0, SECS] before reconnecting (comparison).
-    #[arg(long, value_name = "SECS")]
+    /// Instead of the window the rendezvous announces (`GoingAway`), cameras whose session
+    /// it ended (GoingAway or a SHUTDOWN close) wait uniformly in [0, SECS] before
+    /// reconnecting (comparison).
+    #[arg(long, value_name = "SECS", conflicts_with = "ignore_going_away")]
     spread_after_shutdown: Option<f64>,
+    /// Cameras ignore `GoingAway` and reconnect within 0–0.5 s, as camera-agent did before
+    /// it (comparison).
+    #[arg(long)]
+    ignore_going_away: bool,
     /// Let the rendezvous offer relay sessions with each introduction.
     #[arg(long)]
     relay: bool,
@@ -96,6 +101,9 @@ fn run(cli: Cli) -> Result<()> {
     opts.viewer_conns = cli.viewer_conns;
     opts.relay = cli.relay;
     opts.extra_config = cli.rdv_config;
+    if cli.ignore_going_away {
+        opts.reconnect = load::fleet::Reconnect::IgnoreGoingAway;
+    }
     if let Some(secs) = cli.spread_after_shutdown {
         opts.reconnect = load::fleet::Reconnect::SpreadAfterShutdown(Duration::from_secs_f64(secs));
     }

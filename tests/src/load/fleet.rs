@@ -1,7 +1,9 @@
 //! Simulated cameras: each has its own key and certificate, its own QUIC connection to the
 //! rendezvous, registers with the real protocol, answers introductions with `Accept`, and
 //! after a loss reconnects with exponential backoff and full jitter exactly as
-//! camera-agent does (`common::backoff`, 0.5 s → 30 s, reset after a registered session).
+//! camera-agent does (`common::backoff`, 0.5 s → 30 s, reset after a registered session),
+//! and after the rendezvous' `GoingAway` first waits a random delay within the announced
+//! window, as camera-agent does (`common::going_away`).
 //!
 //! What it leaves out of a real camera: punch packets, media, the access-list check.
 
@@ -13,6 +15,7 @@ use std::time::Duration;
 use peercam_certs::Role;
 use peercam_common::backoff::Backoff;
 use peercam_common::frame;
+use peercam_common::going_away;
 use peercam_common::rdv::{self, Capabilities, FromRendezvous, ToRendezvous};
 use peercam_common::tls::{self, Expect};
 use peercam_common::{quic, CameraId, ViewerId};
@@ -89,6 +92,10 @@ pub struct Fleet {
     pub losses: AtomicU64,
     /// Introductions answered.
     pub intros: AtomicU64,
+    /// Sessions that ended with the rendezvous' `GoingAway`.
+    pub going_away: AtomicU64,
+    /// The last window a `GoingAway` announced, milliseconds.
+    pub going_away_ms: AtomicU64,
     errors: Mutex<Vec<String>>,
     /// Dial → `Registered` of every successful registration, microseconds.
     latencies: Mutex<Vec<u32>>,
@@ -128,13 +135,20 @@ impl Fleet {
 /// How the simulated cameras reconnect.
 #[derive(Debug, Clone, Copy, Default)]
 pub enum Reconnect {
-    /// As camera-agent does: after losing a registered session, the backoff restarts at
-    /// its base (a delay uniform in 0–0.5 s), then grows after each failed attempt.
+    /// As camera-agent does: after `GoingAway`, the first attempt waits uniformly within
+    /// the window the rendezvous announced; after any other loss of a registered session,
+    /// the backoff restarts at its base (a delay uniform in 0–0.5 s); it grows after each
+    /// failed attempt.
     #[default]
     Agent,
-    /// An alternative measured for comparison: when the rendezvous closed the session with
-    /// `SHUTDOWN`, the first attempt waits uniformly in `[0, window]`; otherwise as `Agent`.
+    /// An override for comparison: when the rendezvous ended the session (`GoingAway` or a
+    /// `SHUTDOWN` close), the first attempt waits uniformly in `[0, window]` whatever it
+    /// announced; otherwise as `Agent`.
     SpreadAfterShutdown(Duration),
+    /// A camera-agent from before `GoingAway` (comparison): it announces version 1, so the
+    /// rendezvous does not send the message, and every loss restarts the backoff at its
+    /// base.
+    IgnoreGoingAway,
 }
 
 /// Starts every camera on `tasks`, spread over `endpoints` client endpoints. At most
@@ -174,7 +188,8 @@ async fn camera(
     loop {
         let permit = gate.acquire().await;
         let t0 = std::time::Instant::now();
-        let registered = register(&ep, &id, rdv).await;
+        let old = matches!(reconnect, Reconnect::IgnoreGoingAway);
+        let registered = register(&ep, &id, rdv, old).await;
         drop(permit);
         if registered.is_ok() {
             let us = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
@@ -189,18 +204,31 @@ async fn camera(
             Ok((conn, send, recv)) => {
                 fleet.registrations.fetch_add(1, Ordering::Relaxed);
                 fleet.registered.fetch_add(1, Ordering::Relaxed);
-                serve(send, recv, &fleet).await;
+                let going_away = serve(send, recv, &fleet).await;
+                if let Some(ms) = going_away {
+                    fleet.going_away.fetch_add(1, Ordering::Relaxed);
+                    fleet.going_away_ms.store(ms, Ordering::Relaxed);
+                }
                 fleet.registered.fetch_sub(1, Ordering::Relaxed);
                 fleet.losses.fetch_add(1, Ordering::Relaxed);
                 backoff.reset();
-                if let Reconnect::SpreadAfterShutdown(window) = reconnect {
-                    let shutdown = matches!(
-                        conn.close_reason(),
-                        Some(quinn::ConnectionError::ApplicationClosed(c))
-                            if c.error_code == quinn::VarInt::from_u32(rdv::close::SHUTDOWN)
-                    );
-                    delay = shutdown.then(|| window.mul_f64(rand::random::<f64>()));
-                }
+                let unit = rand::random::<f64>();
+                delay = match (reconnect, going_away) {
+                    (Reconnect::Agent, Some(ms)) => {
+                        conn.close(quinn::VarInt::from_u32(rdv::close::OK), b"going away");
+                        Some(going_away::first_reconnect_delay(ms, unit))
+                    }
+                    (Reconnect::SpreadAfterShutdown(window), _) => {
+                        let shutdown = going_away.is_some()
+                            || matches!(
+                                conn.close_reason(),
+                                Some(quinn::ConnectionError::ApplicationClosed(c))
+                                    if c.error_code == quinn::VarInt::from_u32(rdv::close::SHUTDOWN)
+                            );
+                        shutdown.then(|| window.mul_f64(unit))
+                    }
+                    _ => None,
+                };
             }
             Err(why) => fleet.failed(why),
         }
@@ -213,6 +241,7 @@ async fn register(
     ep: &quinn::Endpoint,
     id: &Identity,
     rdv: SocketAddr,
+    ignore_going_away: bool,
 ) -> Result<(quinn::Connection, SendStream, RecvStream), String> {
     let connecting = ep
         .connect_with(id.config.clone(), rdv, "127.0.0.1")
@@ -231,7 +260,12 @@ async fn register(
         access: id.access.clone(),
         caps: Capabilities {
             codecs: vec!["h264".into()],
-            version: 1,
+            // An agent from before GoingAway announces version 1 and is not sent it.
+            version: if ignore_going_away {
+                1
+            } else {
+                rdv::AGENT_VERSION
+            },
         },
     };
     frame::write(&mut send, &register)
@@ -251,18 +285,25 @@ async fn register(
     }
 }
 
-/// Answers introductions until the connection ends.
-async fn serve(mut send: SendStream, mut recv: RecvStream, fleet: &Fleet) {
+/// Answers introductions until the connection ends; returns the window of a `GoingAway`.
+async fn serve(mut send: SendStream, mut recv: RecvStream, fleet: &Fleet) -> Option<u64> {
     while let Ok(Some(msg)) = frame::read::<FromRendezvous, _>(&mut recv).await {
-        if let FromRendezvous::Introduce { session, .. } = msg {
-            let accept = ToRendezvous::Accept {
-                session,
-                local_addrs: Vec::new(),
-            };
-            if frame::write(&mut send, &accept).await.is_err() {
-                return;
+        match msg {
+            FromRendezvous::Introduce { session, .. } => {
+                let accept = ToRendezvous::Accept {
+                    session,
+                    local_addrs: Vec::new(),
+                };
+                if frame::write(&mut send, &accept).await.is_err() {
+                    return None;
+                }
+                fleet.intros.fetch_add(1, Ordering::Relaxed);
             }
-            fleet.intros.fetch_add(1, Ordering::Relaxed);
+            FromRendezvous::GoingAway {
+                reconnect_within_ms,
+            } => return Some(reconnect_within_ms),
+            _ => {}
         }
     }
+    None
 }

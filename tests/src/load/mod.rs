@@ -155,6 +155,10 @@ pub struct Restart {
     pub cpu_pct: f64,
     /// Dial → `Registered` of the re-registrations: p50, p99, max (ms).
     pub latency_ms: [f64; 3],
+    /// Cameras that received `GoingAway` before the close.
+    pub going_away: u64,
+    /// The reconnect window it announced, milliseconds.
+    pub going_away_ms: u64,
 }
 
 /// Runs the load described by `opts` and returns what it measured.
@@ -291,6 +295,7 @@ async fn measure_connects(
 
 async fn restart(rdv: &mut RdvProcess, fleet: &Fleet, opts: &Options) -> Result<Restart> {
     let failures0 = fleet.failures.load(Ordering::Relaxed);
+    let going0 = fleet.going_away.load(Ordering::Relaxed);
     let regs0 = fleet.registrations.load(Ordering::Relaxed);
     let t = Instant::now();
     rdv.terminate()?;
@@ -328,6 +333,8 @@ async fn restart(rdv: &mut RdvProcess, fleet: &Fleet, opts: &Options) -> Result<
     out.cpu_pct = pct(rdv.sample()?.cpu_secs - cpu0, t_up.elapsed().as_secs_f64());
     out.failures = fleet.failures.load(Ordering::Relaxed) - failures0;
     out.latency_ms = fleet.take_latencies();
+    out.going_away = fleet.going_away.load(Ordering::Relaxed) - going0;
+    out.going_away_ms = fleet.going_away_ms.load(Ordering::Relaxed);
     Ok(out)
 }
 
@@ -465,6 +472,11 @@ impl Report {
                 s,
                 "restart                      down {:.2} s; all {} back: {} after {:.1} s; {} failed attempts; peak {}/s; rendezvous CPU {:.0}%",
                 r.down_secs, self.cameras, r.all_back, r.all_back_secs, r.failures, r.peak_per_sec, r.cpu_pct
+            );
+            let _ = writeln!(
+                s,
+                "  GoingAway                  {} cameras told to reconnect within {} ms",
+                r.going_away, r.going_away_ms
             );
             let [p50, p99, max] = r.latency_ms;
             let _ = writeln!(

@@ -614,7 +614,8 @@ fn recording_survives_kill_9_and_rotates_into_segments() {
 fn rendezvous_sigterm_closes_with_a_code_and_cameras_come_back() {
     let mut dep = Deployment::new(None);
     let (_cam, cam_log) = dep.start_camera(&["--status-socket", s(&dep.path("c.sock"))]);
-    // SIGTERM: the rendezvous closes every connection with its shutdown code.
+    // SIGTERM: the rendezvous sends GoingAway, then closes every connection with its
+    // shutdown code.
     let pid = dep._rdv.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -623,7 +624,8 @@ fn rendezvous_sigterm_closes_with_a_code_and_cameras_come_back() {
         .success());
     let status = dep._rdv.0.wait().expect("rendezvous exits");
     assert!(status.success(), "rendezvous exit status {status}");
-    wait_for_line(&cam_log, "rendezvous shutting down", 10);
+    // It told the camera first how long to spread its reconnect over.
+    wait_for_line(&cam_log, "rendezvous going away", 10);
     // A new rendezvous on the same address: the camera registers again by itself.
     let (ca, cert, key) = (
         dep.path("ca.pem"),

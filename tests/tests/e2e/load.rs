@@ -17,6 +17,8 @@ async fn loadgen_registers_every_camera_answers_every_connect_and_survives_a_res
     opts.viewer_conns = 4;
     opts.restart = true;
     opts.register_timeout = Duration::from_secs(30);
+    // 200 cameras at 100 registrations/s: a 2 s reconnect window (above the 0.5 s minimum).
+    opts.extra_config = vec!["registration_rate = 100.0".into()];
     let report = within(90, "load run", load::run(&opts))
         .await
         .expect("load run completes");
@@ -30,4 +32,6 @@ async fn loadgen_registers_every_camera_answers_every_connect_and_survives_a_res
     let r = report.restart.as_ref().expect("restart ran");
     assert!(r.all_back, "{text}");
     assert_eq!(r.failures, 0, "{text}");
+    // Every camera was told how long to spread its reconnect over, sized to the fleet.
+    assert_eq!((r.going_away, r.going_away_ms), (200, 2000), "{text}");
 }
