@@ -3,7 +3,8 @@
 //!
 //! Two small programs, run as hidden subcommands of `live-bench` inside the namespaces of a
 //! [`crate::tunlink::TunLink`] with `ip netns exec`, so each uses its namespace's own kernel
-//! TCP stack (Cubic, the kernel's defaults) through the impaired link:
+//! TCP stack (Cubic, chosen per socket, and otherwise the kernel's defaults) through the
+//! impaired link:
 //!
 //! - `tcp-send --listen ADDR --clip PATH --for SECS`: the camera. Captures the looped clip
 //!   at [`FPS`] from the moment it starts, and serves one viewer at a time, from the next
@@ -32,6 +33,10 @@ use crate::live::{load_frames, FPS};
 
 /// The port the sender listens on inside its namespace (RTSP's alternate port).
 pub const PORT: u16 = 8554;
+/// The sender's congestion controller: Linux's default, which cameras run. Set per socket
+/// (root may pick any available one) because a new namespace inherits the host's default
+/// and may only change it to one in the host's `tcp_allowed_congestion_control`.
+const CONGESTION: &[u8] = b"cubic";
 /// How long the receiver keeps trying to connect (the sender may still be starting).
 const CONNECT_FOR: Duration = Duration::from_secs(5);
 /// Captured frames queued for the viewer at most (the baseline never skips; this only
@@ -121,6 +126,9 @@ async fn send(listen: SocketAddr, frames: Vec<(bool, Bytes)>) -> Result<(), Stri
     let serve = async move {
         loop {
             let (sock, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            socket2::SockRef::from(&sock)
+                .set_tcp_congestion(CONGESTION)
+                .map_err(|e| format!("cannot select TCP congestion control cubic: {e}"))?;
             while rx.try_recv().is_ok() {}
             serve_one(sock, &mut rx).await;
         }

@@ -40,6 +40,7 @@ fn ping(spec: &str, count: u32) -> (u32, Option<f64>) {
 
 #[test]
 fn ping_through_the_tun_link_shows_the_configured_rtt_and_loss() {
+    let _turn = crate::nat::one_lab_at_a_time();
     if let Err(why) = require_root() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -66,4 +67,70 @@ fn ping_through_the_tun_link_shows_the_configured_rtt_and_loss() {
 
     let mine: Vec<_> = leftovers();
     assert!(mine.is_empty(), "namespaces left behind: {mine:?}");
+}
+
+fn condition(link: &str, secs: u64) -> peercam_tests::live::Condition {
+    peercam_tests::live::Condition {
+        name: "test".into(),
+        link: link.into(),
+        clip: peercam_tests::live::Clip::Hd4M,
+        secs,
+        ttff_samples: 1,
+    }
+}
+
+#[test]
+fn kernel_tcp_baseline_is_live_on_a_clean_link_and_falls_behind_at_half_capacity() {
+    let _turn = crate::nat::one_lab_at_a_time();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(kernel_tcp_baseline());
+}
+
+async fn kernel_tcp_baseline() {
+    use peercam_tests::live::{run_baseline_tcp, Clip};
+    let clip = Clip::Hd4M
+        .ensure(&std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-clips"))
+        .expect("ffmpeg encodes the test clip");
+    let clean = peercam_tests::within(
+        30,
+        "tcp baseline",
+        run_baseline_tcp(&condition("rtt=50ms", 5), &clip),
+    )
+    .await;
+    if let Some(why) = &clean.skipped {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the kernel-TCP baseline must run in CI: {why}"
+        );
+        eprintln!("SKIPPED: kernel-TCP baseline not run because {why}");
+        return;
+    }
+    assert!(clean.error.is_none(), "{:?}", clean.error);
+    assert!(
+        clean.delivered > 0.95,
+        "delivered {:.0} %",
+        clean.delivered * 100.0
+    );
+    let p99 = clean.latency_p99_ms.expect("frames arrived");
+    assert!(
+        (25.0..400.0).contains(&p99),
+        "one way over rtt=50ms: p99 {p99} ms"
+    );
+    let half = peercam_tests::within(
+        40,
+        "tcp baseline",
+        run_baseline_tcp(&condition("rtt=50ms,rate=2000kbit,queue=200ms", 10), &clip),
+    )
+    .await;
+    assert!(half.error.is_none(), "{:?}", half.error);
+    let behind = half.latency_max_ms.expect("frames arrived");
+    assert!(
+        behind > 3000.0,
+        "one TCP stream on half the capacity should fall behind: max {behind} ms"
+    );
+    assert_eq!(leftovers(), Vec::<String>::new(), "namespaces left behind");
 }
