@@ -381,7 +381,7 @@ fn find_tool(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-fn ip_path() -> &'static Path {
+pub(crate) fn ip_path() -> &'static Path {
     static IP: OnceLock<PathBuf> = OnceLock::new();
     IP.get_or_init(|| find_tool("ip").unwrap_or_else(|| PathBuf::from("ip")))
 }
@@ -447,7 +447,7 @@ fn base36(mut n: u64) -> String {
 }
 
 /// `pc<pid base36>_<counter base36>`: unique per process and per lab within the process.
-fn fresh_prefix() -> String {
+pub(crate) fn fresh_prefix() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!(
@@ -570,7 +570,7 @@ fn process_start_secs(pid: u32) -> Option<u64> {
     Some(btime + ticks / 100)
 }
 
-fn kill_ns_processes(ns: &str) {
+pub(crate) fn kill_ns_processes(ns: &str) {
     let mut cmd = Command::new(ip_path());
     cmd.args(["netns", "pids", ns]);
     let Ok(out) = run_bounded(&mut cmd, None, CMD_TIMEOUT) else {

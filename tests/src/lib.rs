@@ -11,6 +11,8 @@ pub mod lab;
 pub mod live;
 pub mod load;
 pub mod matrix;
+pub mod tcp_baseline;
+pub mod tunlink;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -26,6 +26,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::lab::{run_checked, KillOnDrop};
+use crate::tcp_baseline;
+use crate::tunlink::{TunLink, ADDR_A};
 use crate::{start_rendezvous, viewer_config, Pki};
 
 /// Frames per second of every benchmark clip.
@@ -184,6 +187,8 @@ pub struct Outcome {
     pub ended: Option<String>,
     /// Set if the run failed.
     pub error: Option<String>,
+    /// Set if the side was not run, saying why (e.g. it needs root).
+    pub skipped: Option<String>,
 }
 
 /// One condition, every side.
@@ -199,6 +204,9 @@ pub struct Row {
     /// One ordered stream with peercam's own transport (BBR): shows what the GOP streams
     /// add on top of the congestion controller.
     pub baseline_bbr: Outcome,
+    /// One real kernel TCP connection between two namespaces over an impaired TUN link
+    /// ([`run_baseline_tcp`]): RTSP over TCP as deployed. Needs root.
+    pub baseline_tcp: Outcome,
 }
 
 /// Which ordered-stream baseline.
@@ -485,7 +493,7 @@ pub async fn run_baseline(cond: &Condition, clip: &Path, kind: Baseline) -> Outc
 }
 
 /// Frames of the clip, in order, each with its keyframe flag.
-fn load_frames(clip: &Path) -> Result<Vec<(bool, Bytes)>, String> {
+pub(crate) fn load_frames(clip: &Path) -> Result<Vec<(bool, Bytes)>, String> {
     let data = std::fs::read(clip).map_err(|e| format!("{}: {e}", clip.display()))?;
     let aus = split_access_units(&data).map_err(|e| e.to_string())?;
     Ok(aus.into_iter().map(|a| (a.is_idr, a.data)).collect())
@@ -656,6 +664,114 @@ async fn receive_ordered(
     }
 }
 
+/// Runs the kernel-TCP baseline under one condition: `live-bench tcp-send` in one namespace
+/// of a [`TunLink`] carrying the condition's impairment, `live-bench tcp-recv` in the other
+/// (see [`crate::tcp_baseline`]). Skipped, saying why, when not root.
+pub async fn run_baseline_tcp(cond: &Condition, clip: &Path) -> Outcome {
+    if let Err(why) = crate::lab::require_root() {
+        return Outcome {
+            skipped: Some(why),
+            ..Outcome::default()
+        };
+    }
+    match tcp_side(cond, clip).await {
+        Ok(o) => o,
+        Err(e) => Outcome {
+            error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// The `live-bench` binary (the one running, or the one next to this test binary).
+fn bench_exe() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    if exe.file_stem().is_some_and(|n| n == "live-bench") {
+        return Ok(exe);
+    }
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("live-bench"))
+        .find(|p| p.exists())
+        .ok_or_else(|| "live-bench not found: run `cargo build --workspace --bins` first".into())
+}
+
+async fn tcp_side(cond: &Condition, clip: &Path) -> Result<Outcome, String> {
+    let exe = bench_exe()?;
+    let clip = clip
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", clip.display()))?;
+    crate::lab::sweep_stale();
+    let link = TunLink::build(cond.impairment())?;
+    let rounds = cond.ttff_samples.max(1);
+    let lifetime = cond.secs + 10 + 5 * rounds as u64;
+    let mut sender = link.command(link.ns_a(), &exe);
+    sender
+        .args([
+            "tcp-send",
+            "--listen",
+            &format!("{ADDR_A}:{}", tcp_baseline::PORT),
+        ])
+        .arg("--clip")
+        .arg(&clip)
+        .args(["--for", &lifetime.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    let _sender = KillOnDrop::spawn(&mut sender).map_err(|e| e.to_string())?;
+    // The camera has been running a while when the viewer arrives.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut out = Outcome::default();
+    let mut cold = Vec::new();
+    for round in 0..rounds {
+        let last = round + 1 == rounds;
+        let length = if last { cond.secs } else { 3 };
+        let mut recv = link.command(link.ns_b(), &exe);
+        recv.args([
+            "tcp-recv",
+            "--connect",
+            &format!("{ADDR_A}:{}", tcp_baseline::PORT),
+        ])
+        .args(["--for", &length.to_string()]);
+        let report = tokio::task::spawn_blocking(move || {
+            run_checked(&mut recv, None, Duration::from_secs(length + 15))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("tcp receiver: {e}"))?;
+        let report: tcp_baseline::Report = serde_json::from_slice(&report.stdout)
+            .map_err(|e| format!("tcp receiver printed no report: {e}"))?;
+        let samples: Vec<Sample> = report
+            .frames
+            .iter()
+            .map(|&(at, capture_us, latency)| Sample {
+                at: Duration::from_micros(at),
+                capture_us,
+                latency: Duration::from_micros(latency),
+            })
+            .collect();
+        if let Some(first) = samples.first() {
+            cold.push(ms(first.at));
+        }
+        if last {
+            dump(&cond.name, "baseline-kernel-tcp", &samples);
+            fill(
+                &mut out,
+                &samples,
+                report.start_us,
+                Duration::from_secs(cond.secs),
+            );
+        } else {
+            // Let the sender see the viewer leave before the next one arrives.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    out.ttff_cold_ms = median(&cold);
+    out.ttff_cold_max_ms = cold.iter().copied().reduce(f64::max);
+    drop(link);
+    Ok(out)
+}
+
 /// Runs every condition, peercam then the baseline.
 pub async fn run_all(conds: &[Condition], clips: &Path, camera_bin: &Path) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -672,7 +788,8 @@ pub async fn run_all(conds: &[Condition], clips: &Path, camera_bin: &Path) -> Ve
                     condition: cond.clone(),
                     peercam: failed.clone(),
                     baseline: failed.clone(),
-                    baseline_bbr: failed,
+                    baseline_bbr: failed.clone(),
+                    baseline_tcp: failed,
                 });
                 continue;
             }
@@ -680,11 +797,13 @@ pub async fn run_all(conds: &[Condition], clips: &Path, camera_bin: &Path) -> Ve
         let peercam = run_peercam(cond, &clip, camera_bin).await;
         let baseline = run_baseline(cond, &clip, Baseline::TcpLike).await;
         let baseline_bbr = run_baseline(cond, &clip, Baseline::SameTransport).await;
+        let baseline_tcp = run_baseline_tcp(cond, &clip).await;
         rows.push(Row {
             condition: cond.clone(),
             peercam,
             baseline,
             baseline_bbr,
+            baseline_tcp,
         });
     }
     rows
@@ -705,8 +824,16 @@ pub fn table(rows: &[Row]) -> String {
             ("peercam", &r.peercam),
             ("one stream, TCP-like", &r.baseline),
             ("one stream, BBR", &r.baseline_bbr),
+            ("one stream, kernel TCP", &r.baseline_tcp),
         ];
         for (side, o) in sides {
+            if let Some(why) = &o.skipped {
+                s += &format!(
+                    "| {} | {side} | skipped: {why} |||||||||||\n",
+                    r.condition.name
+                );
+                continue;
+            }
             if let Some(e) = &o.error {
                 s += &format!("| {} | {side} | error: {e} |||||||||||\n", r.condition.name);
                 continue;

@@ -15,6 +15,13 @@ const USAGE: &str = "usage: live-bench [--json PATH] [--only NAME] [--scale F] [
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Hidden: the kernel-TCP baseline's two ends, run by the bench itself inside the
+    // namespaces of its TUN link.
+    match args.first().map(String::as_str) {
+        Some("tcp-send") => return peercam_tests::tcp_baseline::send_main(&args[1..]),
+        Some("tcp-recv") => return peercam_tests::tcp_baseline::recv_main(&args[1..]),
+        _ => {}
+    }
     let mut json = PathBuf::from("target/live-bench.json");
     let mut clips = PathBuf::from("target/bench-clips");
     let mut only: Option<String> = None;
@@ -57,7 +64,7 @@ fn main() -> ExitCode {
     let rows = runtime.block_on(run_all(&conds, &clips, &camera));
     print!("{}", table(&rows));
     let failed = rows.iter().any(|r| {
-        [&r.peercam, &r.baseline, &r.baseline_bbr]
+        [&r.peercam, &r.baseline, &r.baseline_bbr, &r.baseline_tcp]
             .iter()
             .any(|o| o.error.is_some())
     });

@@ -15,4 +15,5 @@ mod relay;
 mod security;
 mod sources;
 mod streaming;
+mod tunlink;
 mod window;

@@ -7,7 +7,7 @@ use peercam_tests::lab::{leftovers, require_root, sweep_stale};
 
 /// The lab tests take turns: a leftover check sees only the labs of the test that makes
 /// it, and NAT timings are not disturbed by another lab's load.
-fn one_lab_at_a_time() -> MutexGuard<'static, ()> {
+pub(crate) fn one_lab_at_a_time() -> MutexGuard<'static, ()> {
     static LAB: Mutex<()> = Mutex::new(());
     LAB.lock().unwrap_or_else(|p| p.into_inner())
 }
