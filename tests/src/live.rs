@@ -22,11 +22,13 @@ use peercam_common::media::{FrameHeader, FLAG_KEYFRAME, MAX_FRAME_PAYLOAD};
 use peercam_common::{quic, tls, unix_micros};
 use quinn::VarInt;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::lab::{run_checked, KillOnDrop};
+use crate::load::process::Sample as ProcSample;
 use crate::tcp_baseline;
 use crate::tunlink::{TunLink, ADDR_A};
 use crate::{start_rendezvous, viewer_config, Pki};
@@ -290,33 +292,6 @@ fn fill(out: &mut Outcome, samples: &[Sample], start_us: u64, length: Duration) 
     out.delivered = (got / expected).min(1.0);
 }
 
-/// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
-pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start after ") ".
-    let rest = stat.rsplit_once(") ")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some((ticks / clock_ticks(), hwm))
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 /// A camera-agent child process, killed on drop.
 struct CameraProcess {
     child: std::process::Child,
@@ -410,12 +385,12 @@ async fn peercam_side(cond: &Condition, clip: &Path, camera_bin: &Path) -> Resul
             sink.lock().unwrap_or_else(|p| p.into_inner()).push(s);
         }
     })));
-    let cpu_before = proc_usage(pid).map(|u| u.0);
+    let before = ProcSample::of(pid).ok();
     let summary = peercam_viewer::watch(config, CancellationToken::new())
         .await
         .map_err(|e| format!("viewer: {e}"))?;
     let wall = session_start.elapsed();
-    let usage = proc_usage(pid);
+    let after = ProcSample::of(pid).ok();
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
     fill(&mut out, &samples, start_us, Duration::from_secs(cond.secs));
     out.gops_skipped = summary.gops_dropped;
@@ -424,10 +399,11 @@ async fn peercam_side(cond: &Condition, clip: &Path, camera_bin: &Path) -> Resul
         summary.ended, summary.duration_s
     ));
     dump(&cond.name, "peercam", &samples);
-    if let (Some(before), Some((after, hwm))) = (cpu_before, usage) {
-        out.sender_cpu_s = Some(after - before);
-        out.sender_cpu_pct = Some((after - before) / wall.as_secs_f64() * 100.0);
-        out.sender_peak_rss_kib = Some(hwm);
+    if let (Some(before), Some(after)) = (before, after) {
+        let cpu = after.cpu_secs - before.cpu_secs;
+        out.sender_cpu_s = Some(cpu);
+        out.sender_cpu_pct = Some(cpu / wall.as_secs_f64() * 100.0);
+        out.sender_peak_rss_kib = Some(after.hwm_kib);
     }
     drop(camera);
     rdv.shutdown();
@@ -633,17 +609,34 @@ async fn baseline_side(cond: &Condition, clip: &Path, kind: Baseline) -> Result<
     Ok(out)
 }
 
-/// Reads frames from the one ordered stream until it ends.
+/// Reads frames from the one ordered QUIC stream until it ends.
 async fn receive_ordered(
     conn: &quinn::Connection,
     started: Instant,
     samples: &mut Vec<Sample>,
 ) -> Result<(), String> {
-    let mut stream = conn.accept_uni().await.map_err(|e| e.to_string())?;
+    let stream = conn.accept_uni().await.map_err(|e| e.to_string())?;
+    read_ordered(stream, |h, now| {
+        samples.push(Sample {
+            at: started.elapsed(),
+            capture_us: h.capture_us,
+            latency: Duration::from_micros(now.saturating_sub(h.capture_us)),
+        })
+    })
+    .await
+}
+
+/// Reads [`FrameHeader`]-framed frames from one ordered byte stream (a QUIC stream, a TCP
+/// connection) until it ends, calling `seen` with each header and its receive time (µs
+/// since the Unix epoch).
+pub(crate) async fn read_ordered<R: AsyncRead + Unpin>(
+    mut input: R,
+    mut seen: impl FnMut(&FrameHeader, u64),
+) -> Result<(), String> {
     let mut header = [0u8; FrameHeader::LEN];
     let mut buf = Vec::new();
     loop {
-        if stream.read_exact(&mut header).await.is_err() {
+        if input.read_exact(&mut header).await.is_err() {
             return Ok(());
         }
         let h = FrameHeader::decode(&header).map_err(|e| e.to_string())?;
@@ -651,16 +644,11 @@ async fn receive_ordered(
             return Err("frame too large".into());
         }
         buf.resize(h.len as usize, 0);
-        stream
+        input
             .read_exact(&mut buf)
             .await
             .map_err(|e| e.to_string())?;
-        let now = unix_micros();
-        samples.push(Sample {
-            at: started.elapsed(),
-            capture_us: h.capture_us,
-            latency: Duration::from_micros(now.saturating_sub(h.capture_us)),
-        });
+        seen(&h, unix_micros());
     }
 }
 

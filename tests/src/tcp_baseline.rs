@@ -22,14 +22,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use peercam_common::media::{FrameHeader, FLAG_KEYFRAME, MAX_FRAME_PAYLOAD};
+use peercam_common::media::{FrameHeader, FLAG_KEYFRAME};
 use peercam_common::unix_micros;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::live::{load_frames, FPS};
+use crate::live::{load_frames, read_ordered, FPS};
 
 /// The port the sender listens on inside its namespace (RTSP's alternate port).
 pub const PORT: u16 = 8554;
@@ -206,37 +206,16 @@ async fn receive(addr: SocketAddr, length: Duration) -> Result<Report, String> {
         frames: Vec::new(),
     };
     let remaining = length.saturating_sub(started.elapsed());
-    let read = read_frames(&mut sock, started, &mut report);
-    match tokio::time::timeout(remaining, read).await {
-        Ok(Err(e)) => Err(e),
-        _ => Ok(report),
-    }
-}
-
-/// Reads frames until the stream ends (or the caller's timeout).
-async fn read_frames(
-    sock: &mut TcpStream,
-    started: Instant,
-    report: &mut Report,
-) -> Result<(), String> {
-    let mut header = [0u8; FrameHeader::LEN];
-    let mut buf = Vec::new();
-    loop {
-        if sock.read_exact(&mut header).await.is_err() {
-            return Ok(());
-        }
-        let h = FrameHeader::decode(&header).map_err(|e| e.to_string())?;
-        if h.len as usize > MAX_FRAME_PAYLOAD {
-            return Err("frame too large".into());
-        }
-        buf.resize(h.len as usize, 0);
-        sock.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        let now = unix_micros();
+    let read = read_ordered(&mut sock, |h, now| {
         report.frames.push((
             started.elapsed().as_micros() as u64,
             h.capture_us,
             now.saturating_sub(h.capture_us),
-        ));
+        ))
+    });
+    match tokio::time::timeout(remaining, read).await {
+        Ok(Err(e)) => Err(e),
+        _ => Ok(report),
     }
 }
 
