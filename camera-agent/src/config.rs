@@ -180,7 +180,7 @@ pub fn parse_source(s: &str, looped: bool, fps: Option<f64>) -> Result<SourceSpe
     if s.starts_with("rtsp://") {
         crate::rtsp::parse(s).map_err(|e| ConfigError::Bad {
             setting: "source",
-            value: crate::rtsp::redact(s),
+            value: peercam_common::config::redact_url(s),
             why: e.to_string(),
         })?;
         return Ok(SourceSpec::Rtsp(s.to_string()));

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use peercam_common::backoff::Backoff;
+use peercam_common::config::redact_url;
 use peercam_common::h264;
 use retina::client::{PlayOptions, Session, SessionOptions, SetupOptions};
 use retina::codec::{CodecItem, FrameFormat};
@@ -28,7 +29,7 @@ pub(crate) fn parse(
     url: &str,
 ) -> Result<(url::Url, Option<retina::client::Credentials>), SourceError> {
     let bad = |why: String| SourceError::Rtsp {
-        url: redact(url),
+        url: redact_url(url),
         why,
     };
     let mut parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
@@ -52,19 +53,6 @@ pub(crate) fn parse(
     let _ = parsed.set_username("");
     let _ = parsed.set_password(None);
     Ok((parsed, creds))
-}
-
-/// The URL with any password replaced, for logs and errors.
-pub(crate) fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "(unparsable URL)".into(),
-    }
 }
 
 /// Runs the RTSP source forever (until cancelled by the caller).
@@ -150,7 +138,7 @@ mod tests {
             (creds.username.as_str(), creds.password.as_str()),
             ("admin", "s3cr@t")
         );
-        let shown = redact("rtsp://admin:s3cr%40t@192.0.2.7:554/stream1");
+        let shown = redact_url("rtsp://admin:s3cr%40t@192.0.2.7:554/stream1");
         assert!(!shown.contains("s3cr"), "{shown}");
         assert!(parse("http://x/").is_err());
         let err = parse("rtsp://admin:hunter2@[bad").unwrap_err().to_string();

@@ -56,7 +56,7 @@ impl std::fmt::Debug for SourceSpec {
                 .field("fps", fps)
                 .finish(),
             SourceSpec::Stdin => f.write_str("Stdin"),
-            SourceSpec::Rtsp(url) => write!(f, "Rtsp({})", crate::rtsp::redact(url)),
+            SourceSpec::Rtsp(url) => write!(f, "Rtsp({})", peercam_common::config::redact_url(url)),
             SourceSpec::Exec(command) => write!(f, "Exec({command:?})"),
         }
     }

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
+use peercam_common::config::redact_url;
 use peercam_common::rdv::RelayOffer;
 use peercam_common::{CameraId, SessionId, ViewerId};
 use redis::aio::ConnectionManager;
@@ -227,19 +228,6 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().max(1) as u64
 }
 
-/// The URL without a password, for logs.
-fn redacted(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "(unparsable URL)".into(),
-    }
-}
-
 impl Cluster {
     /// Prepares cluster mode (no connection yet: Redis may be down at start); the server
     /// runs the returned [`Driver`] and serves the [`Inbound`] receiver. `pin` is how long
@@ -261,7 +249,7 @@ impl Cluster {
         let (writes, writes_rx) = mpsc::channel(MAX_WRITES);
         let (inbound, inbound_rx) = mpsc::channel(MAX_INBOUND);
         let cluster = Arc::new(Cluster {
-            url: redacted(&config.redis),
+            url: redact_url(&config.redis),
             config,
             pin,
             remember,
@@ -699,10 +687,10 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_the_logs() {
-        let shown = redacted("redis://:s3cret@10.0.0.5:6379/0");
+        let shown = redact_url("redis://:s3cret@10.0.0.5:6379/0");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("10.0.0.5:6379"), "{shown}");
-        assert_eq!(redacted("not a url"), "(unparsable URL)");
+        assert_eq!(redact_url("not a url"), "(unparsable URL)");
     }
 
     #[test]
