@@ -44,6 +44,8 @@ pub struct FileConfig {
     pub max_viewers: Option<usize>,
     /// Latency budget in milliseconds.
     pub latency_budget_ms: Option<u64>,
+    /// Send parity datagrams on lossy links (default on; see `Config::fec`).
+    pub fec: Option<bool>,
     /// Revoked identities, as `role/id` (e.g. `viewer/mallory`).
     #[serde(default)]
     pub revoked_ids: Vec<String>,
@@ -144,6 +146,9 @@ impl FileConfig {
         }
         if let Some(ms) = self.latency_budget_ms {
             config.latency_budget = Duration::from_millis(ms.max(50));
+        }
+        if let Some(fec) = self.fec {
+            config.fec = fec;
         }
         Ok(config)
     }

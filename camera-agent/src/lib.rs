@@ -67,6 +67,10 @@ pub struct Config {
     pub max_viewers: usize,
     /// Latency budget per viewer.
     pub latency_budget: Duration,
+    /// Send parity datagrams beside the video when a viewer's link loses packets, so the
+    /// viewer rebuilds lost bytes without waiting for retransmissions (`common::fec`).
+    /// Costs up to ~20 % more bandwidth on a lossy link, nothing on a clean one.
+    pub fec: bool,
     /// First reconnect delay ceiling.
     pub backoff_base: Duration,
     /// Largest reconnect delay.
@@ -92,6 +96,7 @@ impl Config {
             source,
             max_viewers: DEFAULT_MAX_VIEWERS,
             latency_budget: DEFAULT_LATENCY_BUDGET,
+            fec: true,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             punch: true,
@@ -170,6 +175,7 @@ pub(crate) struct State {
     source_ended: CancellationToken,
     max_viewers: usize,
     latency_budget: Duration,
+    fec: bool,
     /// The media server configuration; each viewer connection gets a copy whose
     /// `initial_rtt` comes from its introduction.
     server_config: quinn::ServerConfig,
@@ -179,11 +185,17 @@ pub(crate) struct State {
     unregistered_since: Mutex<Option<Instant>>,
 }
 
+/// What a viewer's datagrams may occupy at the camera, which never reads them.
+const CAMERA_DATAGRAM_BUFFER: usize = 16 * 1024;
+
 /// Transport of the camera's media connections.
 fn camera_media_transport(initial_rtt: Option<Duration>) -> quinn::TransportConfig {
     let mut t = quic::media_transport(initial_rtt);
     // Writes block once this much is queued, so a stalled viewer shows up as a timeout.
     t.send_window(4 * 1024 * 1024);
+    // The camera sends parity datagrams and reads none; quinn sends datagrams only when it
+    // also takes them, so it gets a small buffer (oldest dropped) that nobody reads.
+    t.datagram_receive_buffer_size(Some(CAMERA_DATAGRAM_BUFFER));
     t
 }
 
@@ -419,6 +431,7 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
         source_ended: CancellationToken::new(),
         max_viewers: config.max_viewers,
         latency_budget: config.latency_budget,
+        fec: config.fec,
         server_config: server,
         viewers: Mutex::default(),
         unregistered_since: Mutex::new(Some(Instant::now())),

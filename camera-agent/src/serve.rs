@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use peercam_common::fec::{Codecs, LossEstimate, MIN_LOSS};
 use peercam_common::frame;
 use peercam_common::media::{close, FromCamera, GopHeader, ToCamera, FLAG_CACHED, RESET_STALE_GOP};
 use peercam_common::tls::peer_identity;
@@ -204,6 +205,73 @@ async fn answer_pings(mut send: SendStream, mut recv: quinn::RecvStream, stats: 
 struct GopStream {
     gop: u64,
     stream: SendStream,
+    /// The stream's id, as parity datagrams name it.
+    id: u64,
+    /// Bytes written so far: the stream offset of the next frame.
+    written: u64,
+}
+
+/// How long parity stays off after a sign of congestion.
+const CONGESTED_QUIET: Duration = Duration::from_secs(10);
+/// Loss rate assumed for the cached GOP sent to a new viewer, before its link's loss is
+/// known: that burst is what the viewer's first seconds wait on, and a retransmission
+/// round in it delays every live frame queued behind it.
+const STARTUP_LOSS: f64 = 0.03;
+
+/// Parity for one viewer (`common::fec`): sent while its link loses packets, held back
+/// while it is congested, where parity would only lengthen the queue that causes the loss.
+struct Protection {
+    enabled: bool,
+    codecs: Codecs,
+    loss: LossEstimate,
+    quiet_until: Option<Instant>,
+}
+
+impl Protection {
+    fn new(enabled: bool) -> Self {
+        Protection {
+            enabled,
+            codecs: Codecs::default(),
+            loss: LossEstimate::default(),
+            quiet_until: None,
+        }
+    }
+
+    /// A GOP went stale or the viewer lagged: the link does not carry the stream.
+    fn congested(&mut self) {
+        self.quiet_until = Some(Instant::now() + CONGESTED_QUIET);
+    }
+
+    /// Sends parity for one frame record written at `start` of stream `stream`.
+    fn protect(
+        &mut self,
+        conn: &quinn::Connection,
+        stream: u64,
+        start: u64,
+        record: &[&[u8]],
+        cached: bool,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let Some(max) = conn.max_datagram_size() else {
+            return; // the viewer takes no datagrams (an older viewer)
+        };
+        let path = conn.stats().path;
+        let mut loss = self.loss.update(path.sent_packets, path.lost_packets);
+        if cached {
+            loss = loss.max(STARTUP_LOSS);
+        }
+        if loss < MIN_LOSS || self.quiet_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let bytes = record.concat();
+        for d in self.codecs.protect(stream, start, &bytes, max, loss) {
+            if conn.send_datagram(d).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// Streams the cached GOP, then live frames, until the source ends or the viewer is gone.
@@ -214,6 +282,7 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
     let mut current: Option<GopStream> = None;
     let mut skip_gop: Option<u64> = None;
     let mut retiring = Retiring::new(budget);
+    let mut fec = Protection::new(state.fec);
     // The cached GOP is sent whatever its age: it is what lets a viewer start at once.
     for frame in sub.cached {
         let p = Published {
@@ -221,7 +290,9 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
             frame,
         };
         let size = p.frame.data.len();
-        if let Err(why) = send_frame(conn, &mut current, &mut retiring, &p, None, true).await {
+        if let Err(why) =
+            send_frame(conn, &mut current, &mut retiring, &mut fec, &p, None, true).await
+        {
             return why;
         }
         stats.sent(size);
@@ -240,6 +311,7 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
             Err(RecvError::Lagged(n)) => {
                 debug!(frames = n, "viewer lagged: skipping to the next keyframe");
                 abandon(&mut current);
+                fec.congested();
                 // Anything before the next keyframe is undecodable now.
                 skip_gop = Some(u64::MAX);
                 continue;
@@ -259,6 +331,7 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
                 "frame older than the latency budget: abandoning GOP"
             );
             abandon(&mut current);
+            fec.congested();
             skip_gop = Some(p.gop);
             continue;
         }
@@ -266,6 +339,7 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
             conn,
             &mut current,
             &mut retiring,
+            &mut fec,
             &p,
             Some(budget - age),
             false,
@@ -275,6 +349,7 @@ async fn stream_gops(conn: &quinn::Connection, state: &State, stats: &ViewerStat
             Ok(()) => stats.sent(p.frame.data.len()),
             Err("stale") => {
                 abandon(&mut current);
+                fec.congested();
                 skip_gop = Some(p.gop);
             }
             Err(why) => return why,
@@ -330,12 +405,13 @@ async fn finish(current: Option<GopStream>) {
     }
 }
 
-/// Writes one frame, opening a new GOP stream at a keyframe. With a deadline, a write that
-/// cannot complete in time returns `Err("stale")`.
+/// Writes one frame, opening a new GOP stream at a keyframe, and sends its parity. With a
+/// deadline, a write that cannot complete in time returns `Err("stale")`.
 async fn send_frame(
     conn: &quinn::Connection,
     current: &mut Option<GopStream>,
     retiring: &mut Retiring,
+    fec: &mut Protection,
     p: &Published,
     deadline: Option<Duration>,
     cached: bool,
@@ -350,21 +426,29 @@ async fn send_frame(
         let mut stream = conn.open_uni().await.map_err(|_| "connection lost")?;
         // Newer GOPs first; i32 wraps only after 2^31 GOPs.
         let _ = stream.set_priority((p.gop & 0x7fff_ffff) as i32);
+        let head = GopHeader { seq: p.gop }.encode();
         stream
-            .write_all(&GopHeader { seq: p.gop }.encode())
+            .write_all(&head)
             .await
             .map_err(|_| "connection lost")?;
-        *current = Some(GopStream { gop: p.gop, stream });
+        let id = u64::from(VarInt::from(stream.id()));
+        *current = Some(GopStream {
+            gop: p.gop,
+            stream,
+            id,
+            written: head.len() as u64,
+        });
     }
     let Some(g) = current.as_mut() else {
         return Ok(());
     };
+    let mut header = p.frame.header();
+    if cached {
+        header.flags |= FLAG_CACHED;
+    }
+    let header = header.encode();
     let write = async {
-        let mut header = p.frame.header();
-        if cached {
-            header.flags |= FLAG_CACHED;
-        }
-        g.stream.write_all(&header.encode()).await?;
+        g.stream.write_all(&header).await?;
         g.stream.write_chunk(p.frame.data.clone()).await
     };
     let result = match deadline {
@@ -375,7 +459,12 @@ async fn send_frame(
         },
     };
     match result {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            let start = g.written;
+            g.written += (header.len() + p.frame.data.len()) as u64;
+            fec.protect(conn, g.id, start, &[&header, &p.frame.data], cached);
+            Ok(())
+        }
         // The viewer abandoned this GOP (it fell behind): go on with the next one.
         Err(quinn::WriteError::Stopped(_) | quinn::WriteError::ClosedStream) => Err("stale"),
         Err(_) => Err("connection lost"),

@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod fec;
 pub mod frame;
 pub mod going_away;
 pub mod h264;

@@ -18,6 +18,8 @@ use crate::tls::TlsError;
 pub const RENDEZVOUS_KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Idle timeout on rendezvous connections.
 pub const RENDEZVOUS_IDLE: Duration = Duration::from_secs(30);
+/// Parity datagrams a media connection buffers before dropping the oldest.
+pub const MEDIA_DATAGRAM_BUFFER: usize = 1024 * 1024;
 /// Keep-alive on media connections.
 pub const MEDIA_KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Idle timeout on media connections: a viewer notices a dead camera within this.
@@ -79,7 +81,8 @@ pub fn media_transport(initial_rtt: Option<Duration>) -> TransportConfig {
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_GOP_STREAMS))
         .stream_receive_window(VarInt::from_u32(8 * 1024 * 1024))
         .send_window(16 * 1024 * 1024)
-        .datagram_receive_buffer_size(None);
+        // Parity datagrams (`fec`) beside the GOP streams; the viewer reads them at once.
+        .datagram_receive_buffer_size(Some(MEDIA_DATAGRAM_BUFFER));
     // BBR, not loss-based Cubic: random loss is not congestion, and Cubic's answer to 1-5 %
     // loss (a window too small for the stream) is what makes video fall behind. Measured in
     // BENCHMARKS.md ("Live video"); quinn marks its BBR experimental, see ARCHITECTURE.md.

@@ -59,8 +59,8 @@ impl Clip {
     /// Encodes the clip into `dir` unless it is there; returns its path.
     pub fn ensure(self, dir: &Path) -> Result<PathBuf, String> {
         let (name, size, secs) = match self {
-            Clip::Hd4M => ("hd-4mbit.h264", "1280x720", 10),
-            Clip::Uhd20M => ("uhd-20mbit.h264", "3840x2160", 4),
+            Clip::Hd4M => ("hd-4mbit-steady.h264", "1280x720", 10),
+            Clip::Uhd20M => ("uhd-20mbit-steady.h264", "3840x2160", 4),
         };
         let path = dir.join(name);
         // One encoder at a time in this process; tests ask for the same clip at once.
@@ -76,7 +76,7 @@ impl Clip {
         // Noise makes the picture hard to compress, so the encoder really spends the bitrate.
         let status = std::process::Command::new("ffmpeg")
             .args(["-v", "error", "-y", "-f", "lavfi", "-i", &src, "-t"])
-            .arg(secs.to_string())
+            .arg((secs + 1).to_string())
             .args(["-vf", "noise=alls=30:allf=t", "-c:v", "libx264", "-preset"])
             .args([
                 "ultrafast",
@@ -95,6 +95,23 @@ impl Clip {
         if !status.success() {
             return Err(format!("ffmpeg failed to encode {name}"));
         }
+        // x264 starts with a full rate-control buffer, so the first keyframe of a run is
+        // ~7× the size of the others (344 KB against ~50 KB here). A camera's encoder runs
+        // for days; a clip that loops its first second would put that frame on the wire
+        // every loop. So the clip starts at its second GOP, as a running camera's would.
+        let encoded = std::fs::read(&tmp).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&tmp);
+        let units = split_access_units(&encoded).map_err(|e| e.to_string())?;
+        let second_gop = units
+            .iter()
+            .skip(1)
+            .position(|au| au.is_idr && au.has_parameter_sets)
+            .ok_or("ffmpeg wrote a clip with a single GOP")?;
+        let steady: Vec<u8> = units[second_gop + 1..]
+            .iter()
+            .flat_map(|au| au.data.iter().copied())
+            .collect();
+        std::fs::write(&tmp, steady).map_err(|e| e.to_string())?;
         std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
         Ok(path)
     }

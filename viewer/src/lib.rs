@@ -9,6 +9,7 @@
 
 pub mod config;
 mod connect;
+mod gop;
 pub mod mp4;
 mod receive;
 pub mod stats;

@@ -1,4 +1,4 @@
-//! Receiving: say hello on the control stream, read GOP streams in order, write frames to
+//! Receiving: say hello on the control stream, read GOP streams (`gop`), write frames to
 //! the sink, keep the clock offset fresh with pings, show progress, build the summary.
 //!
 //! A reader task turns GOP streams into frame events; the main loop owns the sink, the
@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use peercam_common::frame;
-use peercam_common::media::{
-    close, FrameHeader, FromCamera, GopHeader, StreamInfo, ToCamera, MAX_FRAME_PAYLOAD,
-};
+use peercam_common::media::{close, FrameHeader, FromCamera, StreamInfo, ToCamera};
 use peercam_common::{quic, unix_micros};
-use quinn::{ReadExactError, RecvStream, VarInt};
+use quinn::{RecvStream, VarInt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -22,6 +20,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info};
 
 use crate::connect::Link;
+use crate::gop::{Assembly, ParityStore, ReadEnd};
 use crate::stats::{ClockOffset, Stats, Summary};
 use crate::{Config, Sink, ViewError};
 
@@ -37,6 +36,8 @@ enum Event {
         recv_us: u64,
     },
     GopDropped(u64),
+    /// Frames (or blocks of large ones) rebuilt from parity in a finished GOP.
+    Repaired(u64),
 }
 
 type Offset = Arc<Mutex<ClockOffset>>;
@@ -113,6 +114,7 @@ pub(crate) async fn run(
         latency_p99_ms: stats.latency_ms(0.99, &o),
         latency_max_ms: stats.latency_ms(1.0, &o),
         gops_dropped: stats.gops_dropped,
+        repaired: stats.repaired,
         rtt_ms: ms(conn.rtt()),
         clock_offset_ms: o.offset_us() as f64 / 1000.0,
         duration_s: started.elapsed().as_secs_f64(),
@@ -202,6 +204,7 @@ async fn main_loop(
             }
             ev = rx.recv() => match ev {
                 Some(Event::GopDropped(n)) => stats.gops_dropped += n,
+                Some(Event::Repaired(n)) => stats.repaired += n,
                 Some(Event::Frame { header, data, recv_us }) => {
                     if stats.ttff.is_none() && !header.is_keyframe() {
                         continue; // undecodable until the first keyframe
@@ -349,6 +352,9 @@ fn stall_grace(conn: &quinn::Connection, budget: Duration) -> Duration {
     (conn.rtt() + Duration::from_millis(10)).clamp(Duration::from_millis(30), budget)
 }
 
+/// Parity datagrams queued between the datagram task and the reader.
+const DATAGRAM_QUEUE: usize = 1024;
+
 /// Reads GOP streams in order and turns them into frame events.
 async fn read_gops(
     conn: quinn::Connection,
@@ -365,26 +371,37 @@ async fn read_gops(
             }
         }
     }));
+    let (datagram_tx, mut datagrams) = mpsc::channel::<Bytes>(DATAGRAM_QUEUE);
+    let datagram_conn = conn.clone();
+    let _datagrams = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Ok(d) = datagram_conn.read_datagram().await {
+            // Full means the reader is far behind; parity is only ever a shortcut.
+            let _ = datagram_tx.try_send(d);
+        }
+    }));
+    let mut parity = ParityStore::default();
     let mut last_seq: Option<u64> = None;
-    while let Some(mut stream) = streams.recv().await {
+    while let Some(stream) = streams.recv().await {
+        let mut gop_stream = Assembly::new(stream);
         // Several GOPs waiting means the older ones are stale already: take the newest
         // (the camera sends it first) and drop the others; the sequence gap counts them.
         while let Ok(newer) = streams.try_recv() {
-            let mut older = std::mem::replace(&mut stream, newer);
-            let _ = older.stop(VarInt::from_u32(0));
+            let mut older = std::mem::replace(&mut gop_stream, Assembly::new(newer));
+            older.stop();
         }
-        let mut buf = [0u8; GopHeader::LEN];
-        let Ok(()) = stream.read_exact(&mut buf).await else {
-            continue; // reset before its header arrived: counted by the sequence gap
-        };
-        let Ok(gop) = GopHeader::decode(&buf) else {
-            debug!("stream without a GOP header: ignored");
-            let _ = stream.stop(VarInt::from_u32(0));
-            continue;
+        let gop = match gop_stream.header(&mut parity, &mut datagrams).await {
+            Ok(Some(gop)) => gop,
+            Ok(None) => continue, // reset before its header arrived: counted by the gap
+            Err(ReadEnd::Broken(why)) => {
+                debug!(%why, "GOP stream without a usable header: ignored");
+                gop_stream.stop();
+                continue;
+            }
+            Err(ReadEnd::ConnectionLost) => return,
         };
         if let Some(last) = last_seq {
             if gop.seq <= last {
-                let _ = stream.stop(VarInt::from_u32(0));
+                gop_stream.stop();
                 continue;
             }
             if gop.seq > last + 1
@@ -397,104 +414,95 @@ async fn read_gops(
             }
         }
         last_seq = Some(gop.seq);
-        // Since when a newer GOP has been waiting while this one kept us waiting.
-        let mut newer_since: Option<Instant> = None;
-        loop {
-            // Newer GOPs have priority at the camera, so under congestion the rest of an
-            // older one trickles or starves: once a newer GOP waits, this one gets about the
-            // time a lost packet takes to be resent to finish, then we jump to the newer one.
-            let next = {
-                let read = read_frame(&mut stream);
-                tokio::pin!(read);
-                loop {
-                    match tokio::time::timeout(STALL_CHECK, &mut read).await {
-                        Ok(r) => break Some(r),
-                        Err(_) if streams.is_empty() => {}
-                        Err(_) => {
-                            let since = *newer_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() > stall_grace(&conn, budget) {
-                                break None;
-                            }
-                        }
-                    }
-                }
-            };
-            let Some(next) = next else {
-                debug!(
-                    gop = gop.seq,
-                    "GOP stalled while a newer one waits: abandoning it"
-                );
-                let _ = stream.stop(VarInt::from_u32(0));
-                if tx.send(Event::GopDropped(1)).await.is_err() {
-                    return;
-                }
-                break;
-            };
-            match next {
-                Ok(Some((header, data))) => {
-                    let recv_us = unix_micros();
-                    let behind = Duration::from_micros(
-                        (recv_us as i64 - header.capture_us as i64
-                            + offset_now(&offset).offset_us())
-                        .max(0) as u64,
-                    );
-                    if tx
-                        .send(Event::Frame {
-                            header,
-                            data,
-                            recv_us,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    // Behind the budget with a newer GOP waiting: jump to its keyframe.
-                    if !header.is_cached() && behind > budget && !streams.is_empty() {
-                        debug!(gop = gop.seq, ?behind, "abandoning a late GOP");
-                        let _ = stream.stop(VarInt::from_u32(0));
-                        if tx.send(Event::GopDropped(1)).await.is_err() {
-                            return;
-                        }
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(Some(reason)) => {
-                    debug!(gop = gop.seq, %reason, "GOP stream ended early");
-                    if tx.send(Event::GopDropped(1)).await.is_err() {
-                        return;
-                    }
-                    break;
-                }
-                Err(None) => return, // connection gone
-            }
+        let go_on = read_gop(
+            &conn,
+            &mut gop_stream,
+            &mut streams,
+            &mut parity,
+            &mut datagrams,
+            &tx,
+            budget,
+            &offset,
+        )
+        .await;
+        parity.forget_up_to(gop_stream.id());
+        if gop_stream.repaired > 0 && tx.send(Event::Repaired(gop_stream.repaired)).await.is_err() {
+            return;
+        }
+        if !go_on {
+            return;
         }
     }
 }
 
-/// Reads one frame. `Ok(None)` at a clean end of stream; `Err(Some(why))` when this GOP
-/// broke (reset, bad data); `Err(None)` when the connection is gone.
-async fn read_frame(
-    stream: &mut RecvStream,
-) -> Result<Option<(FrameHeader, Bytes)>, Option<String>> {
-    let mut hbuf = [0u8; FrameHeader::LEN];
-    match stream.read_exact(&mut hbuf).await {
-        Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(ReadExactError::FinishedEarly(_)) => return Err(Some("truncated frame".into())),
-        Err(ReadExactError::ReadError(quinn::ReadError::Reset(code))) => {
-            return Err(Some(format!("reset by camera ({code})")))
+/// Reads the frames of one GOP until it ends, breaks or is abandoned; false when the
+/// connection or the receiver is gone.
+#[allow(clippy::too_many_arguments)]
+async fn read_gop(
+    conn: &quinn::Connection,
+    gop_stream: &mut Assembly,
+    streams: &mut mpsc::Receiver<RecvStream>,
+    parity: &mut ParityStore,
+    datagrams: &mut mpsc::Receiver<Bytes>,
+    tx: &mpsc::Sender<Event>,
+    budget: Duration,
+    offset: &Offset,
+) -> bool {
+    // Since when a newer GOP has been waiting while this one kept us waiting.
+    let mut newer_since: Option<Instant> = None;
+    loop {
+        // Newer GOPs have priority at the camera, so under congestion the rest of an
+        // older one trickles or starves: once a newer GOP waits, this one gets about the
+        // time a lost packet takes to be resent to finish, then we jump to the newer one.
+        let next = {
+            let read = gop_stream.next_frame(parity, datagrams);
+            tokio::pin!(read);
+            loop {
+                match tokio::time::timeout(STALL_CHECK, &mut read).await {
+                    Ok(r) => break Some(r),
+                    Err(_) if streams.is_empty() => {}
+                    Err(_) => {
+                        let since = *newer_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > stall_grace(conn, budget) {
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        let Some(next) = next else {
+            debug!("GOP stalled while a newer one waits: abandoning it");
+            gop_stream.stop();
+            return tx.send(Event::GopDropped(1)).await.is_ok();
+        };
+        match next {
+            Ok(Some((header, data))) => {
+                let recv_us = unix_micros();
+                let behind = Duration::from_micros(
+                    (recv_us as i64 - header.capture_us as i64 + offset_now(offset).offset_us())
+                        .max(0) as u64,
+                );
+                let frame = Event::Frame {
+                    header,
+                    data,
+                    recv_us,
+                };
+                if tx.send(frame).await.is_err() {
+                    return false;
+                }
+                // Behind the budget with a newer GOP waiting: jump to its keyframe.
+                if !header.is_cached() && behind > budget && !streams.is_empty() {
+                    debug!(?behind, "abandoning a late GOP");
+                    gop_stream.stop();
+                    return tx.send(Event::GopDropped(1)).await.is_ok();
+                }
+            }
+            Ok(None) => return true,
+            Err(ReadEnd::Broken(reason)) => {
+                debug!(%reason, "GOP stream ended early");
+                return tx.send(Event::GopDropped(1)).await.is_ok();
+            }
+            Err(ReadEnd::ConnectionLost) => return false,
         }
-        Err(ReadExactError::ReadError(quinn::ReadError::ConnectionLost(_))) => return Err(None),
-        Err(ReadExactError::ReadError(e)) => return Err(Some(e.to_string())),
-    }
-    let header = FrameHeader::decode(&hbuf).map_err(|e| Some(e.to_string()))?;
-    debug_assert!(header.len as usize <= MAX_FRAME_PAYLOAD);
-    let mut data = vec![0u8; header.len as usize];
-    match stream.read_exact(&mut data).await {
-        Ok(()) => Ok(Some((header, Bytes::from(data)))),
-        Err(ReadExactError::ReadError(quinn::ReadError::ConnectionLost(_))) => Err(None),
-        Err(e) => Err(Some(e.to_string())),
     }
 }

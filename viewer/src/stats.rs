@@ -50,6 +50,8 @@ pub struct Stats {
     pub bytes: u64,
     /// GOPs lost: reset by the camera, abandoned here, or skipped (sequence gaps).
     pub gops_dropped: u64,
+    /// Frames (blocks of large frames) rebuilt from the camera's parity datagrams.
+    pub repaired: u64,
     /// Time from start to the first decodable frame.
     pub ttff: Option<Duration>,
     /// Time from start to the connection to the camera.
@@ -126,6 +128,9 @@ pub struct Summary {
     pub latency_max_ms: Option<f64>,
     /// GOPs lost.
     pub gops_dropped: u64,
+    /// Frames (blocks of large frames) rebuilt from parity instead of waiting for a
+    /// retransmission.
+    pub repaired: u64,
     /// Round-trip time to the camera, ms.
     pub rtt_ms: f64,
     /// Camera clock minus viewer clock, ms.

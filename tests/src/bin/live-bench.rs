@@ -45,9 +45,18 @@ fn main() -> ExitCode {
             }
         }
     }
-    let conds: Vec<_> = conditions(scale)
+    let all = conditions(scale);
+    let exact = only
+        .as_ref()
+        .is_some_and(|o| all.iter().any(|c| c.name == *o));
+    let conds: Vec<_> = all
         .into_iter()
-        .filter(|c| only.as_ref().is_none_or(|o| c.name.contains(o.as_str())))
+        .filter(|c| match &only {
+            // An exact name picks one condition; otherwise every name containing it.
+            Some(o) if exact => c.name == *o,
+            Some(o) => c.name.contains(o.as_str()),
+            None => true,
+        })
         .collect();
     if conds.is_empty() {
         eprintln!("live-bench: no condition matches {only:?}");
