@@ -67,9 +67,13 @@ pub fn rendezvous_server_transport() -> TransportConfig {
     t
 }
 
-/// Congestion window of a new media connection: one keyframe goes out in the first round
-/// trip, so a viewer starts one RTT after asking, not after several rounds of slow start.
-pub const MEDIA_INITIAL_WINDOW: u64 = 256 * 1024;
+/// Congestion window of a new media connection: the camera's cached GOP (a keyframe and
+/// up to a GOP of frames, ~0.5 MB at 4 Mbit/s with a 1 s GOP) goes out in the first round
+/// trip, so a viewer starts one RTT after asking and its first live frames do not queue
+/// behind rounds of slow start. 256 KB left the first ~7 live frames 90-220 ms late on a
+/// clean 50 ms link (p99 88 ms against 29 ms with 1 MB); on a link of half the stream's
+/// bitrate the larger burst changed nothing measurable (BENCHMARKS.md, "Live video").
+pub const MEDIA_INITIAL_WINDOW: u64 = 1024 * 1024;
 
 /// Transport for media connections. `initial_rtt` comes from the RTT measured through the
 /// rendezvous, so a lost first packet is resent after tens of milliseconds, not a second.

@@ -196,6 +196,8 @@ pub struct Outcome {
     pub frames: u64,
     /// GOPs skipped (abandoned or reset).
     pub gops_skipped: u64,
+    /// Frames (blocks of large ones) rebuilt from parity datagrams (peercam only).
+    pub repaired: u64,
     /// Sender CPU seconds over the session (camera-agent only).
     pub sender_cpu_s: Option<f64>,
     /// The same as a share of one core.
@@ -411,6 +413,7 @@ async fn peercam_side(cond: &Condition, clip: &Path, camera_bin: &Path) -> Resul
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
     fill(&mut out, &samples, start_us, Duration::from_secs(cond.secs));
     out.gops_skipped = summary.gops_dropped;
+    out.repaired = summary.repaired;
     out.ended = Some(format!(
         "{} after {:.1} s",
         summary.ended, summary.duration_s
@@ -821,7 +824,7 @@ fn f(v: Option<f64>) -> String {
 /// The rows as a Markdown table.
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| condition | side | ttff cold (max) ms | ttff warm ms | p50 ms | p99 ms | max ms | p99 first/last 10 s | delivered | GOPs skipped | camera CPU | camera peak RSS |\n\
+        "| condition | side | ttff cold (max) ms | ttff warm ms | p50 ms | p99 ms | max ms | p99 first/last 10 s | delivered | GOPs skipped / rebuilt | camera CPU | camera peak RSS |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
@@ -848,7 +851,7 @@ pub fn table(rows: &[Row]) -> String {
                 _ => "-".into(),
             };
             s += &format!(
-                "| {} | {side} | {} ({}) | {} | {} | {} | {} | {windows} | {:.1} % | {} | {} | {} |\n",
+                "| {} | {side} | {} ({}) | {} | {} | {} | {} | {windows} | {:.1} % | {} / {} | {} | {} |\n",
                 r.condition.name,
                 f(o.ttff_cold_ms),
                 f(o.ttff_cold_max_ms),
@@ -858,6 +861,7 @@ pub fn table(rows: &[Row]) -> String {
                 f(o.latency_max_ms),
                 o.delivered * 100.0,
                 o.gops_skipped,
+                o.repaired,
                 o.sender_cpu_pct
                     .map(|c| format!("{c:.1} %"))
                     .unwrap_or_else(|| "-".into()),

@@ -197,6 +197,11 @@ impl Assembly {
         let _ = self.stream.stop(quinn::VarInt::from_u32(0));
     }
 
+    /// Whether bytes of a frame not handed out yet have arrived.
+    pub(crate) fn pending(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// The stream's id, as the camera's parity datagrams name it.
     pub(crate) fn id(&self) -> u64 {
         self.id

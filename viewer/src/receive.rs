@@ -454,18 +454,24 @@ async fn read_gop(
         // Newer GOPs have priority at the camera, so under congestion the rest of an
         // older one trickles or starves: once a newer GOP waits, this one gets about the
         // time a lost packet takes to be resent to finish, then we jump to the newer one.
-        let next = {
+        let next = loop {
+            // `next_frame` keeps its progress in `gop_stream`, so dropping it on a timeout
+            // loses nothing.
             let read = gop_stream.next_frame(parity, datagrams);
-            tokio::pin!(read);
-            loop {
-                match tokio::time::timeout(STALL_CHECK, &mut read).await {
-                    Ok(r) => break Some(r),
-                    Err(_) if streams.is_empty() => {}
-                    Err(_) => {
-                        let since = *newer_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > stall_grace(conn, budget) {
-                            break None;
-                        }
+            match tokio::time::timeout(STALL_CHECK, read).await {
+                Ok(r) => break Some(r),
+                Err(_) if streams.is_empty() => {}
+                // Nothing of a further frame has arrived and a newer GOP has: this one is
+                // over (its end-of-stream may be queued behind the newer keyframe, or lost);
+                // waiting for it would only hold back the keyframe.
+                Err(_) if !gop_stream.pending() => {
+                    gop_stream.stop();
+                    return true;
+                }
+                Err(_) => {
+                    let since = *newer_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > stall_grace(conn, budget) {
+                        break None;
                     }
                 }
             }
