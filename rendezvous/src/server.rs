@@ -367,12 +367,13 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     })
 }
 
-/// The QUIC server config of the rendezvous: mutual TLS for cameras and viewers, the
-/// idle-connection transport, and no TLS session tickets: rustls' default session cache
+/// The QUIC server config of the rendezvous: mutual TLS for cameras and viewers with the
+/// cheapest suite to handshake (`tls::handshake_server_config`), the idle-connection
+/// transport, and no TLS session tickets: rustls' default session cache
 /// holds 256 sessions and dies with the process, so tickets sent to 100,000 cameras would
 /// almost never be redeemed, yet each costs an encryption and bytes per registration.
 fn rendezvous_server_config(config: &Config) -> Result<quinn::ServerConfig, StartError> {
-    let mut tls = tls::server_config(
+    let mut tls = tls::handshake_server_config(
         &config.credentials,
         &config.trust,
         &[Role::Camera, Role::Viewer],
