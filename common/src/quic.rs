@@ -14,8 +14,13 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use crate::impair::{ImpairedSocket, Impairment};
 use crate::tls::TlsError;
 
-/// Keep-alive on rendezvous connections: well under the 30 s UDP timeout of most NATs.
-pub const RENDEZVOUS_KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Keep-alive on rendezvous connections, sent by the camera (and viewer) only. Half the
+/// shortest UDP mapping timeout NATs are known to use (30 s; RFC 4787 asks for at least
+/// 2 minutes), so one lost ping (quinn resends it after a probe timeout) still refreshes
+/// the mapping in time, and half the 30 s idle timeout. Not shorter: every idle camera's
+/// ping costs the rendezvous CPU, 10 s instead of 15 s cost 1.5 times as much
+/// (`BENCHMARKS.md`, keep-alive cost; `ARCHITECTURE.md`, rendezvous at scale).
+pub const RENDEZVOUS_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Idle timeout on rendezvous connections.
 pub const RENDEZVOUS_IDLE: Duration = Duration::from_secs(30);
 /// Parity datagrams a media connection buffers before dropping the oldest.
@@ -58,7 +63,7 @@ pub fn rendezvous_transport() -> TransportConfig {
 
 /// Transport for the rendezvous' side of rendezvous connections: as
 /// [`rendezvous_transport`], but the rendezvous sends no keep-alives of its own. The
-/// client's keep-alive every 10 s already holds its NAT mapping open and keeps the
+/// client's keep-alive every 15 s already holds its NAT mapping open and keeps the
 /// connection from idling out on both ends; the server's own pings doubled the packets
 /// per idle connection (`BENCHMARKS.md`, keep-alive cost).
 pub fn rendezvous_server_transport() -> TransportConfig {

@@ -8,6 +8,7 @@
 //! abort the rest.
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -366,12 +367,13 @@ pub async fn start(config: Config) -> Result<Handle, StartError> {
     })
 }
 
-/// The QUIC server config of the rendezvous: mutual TLS for cameras and viewers, the
-/// idle-connection transport, and no TLS session tickets: rustls' default session cache
+/// The QUIC server config of the rendezvous: mutual TLS for cameras and viewers with the
+/// cheapest suite to handshake (`tls::handshake_server_config`), the idle-connection
+/// transport, and no TLS session tickets: rustls' default session cache
 /// holds 256 sessions and dies with the process, so tickets sent to 100,000 cameras would
 /// almost never be redeemed, yet each costs an encryption and bytes per registration.
 fn rendezvous_server_config(config: &Config) -> Result<quinn::ServerConfig, StartError> {
-    let mut tls = tls::server_config(
+    let mut tls = tls::handshake_server_config(
         &config.credentials,
         &config.trust,
         &[Role::Camera, Role::Viewer],
@@ -400,8 +402,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: Can
                     let _ = incoming.retry();
                     continue;
                 }
+                // Boxed: an `Incoming` is 384 bytes, and as an argument of the task's
+                // future it would stay in every camera's task for the connection's life.
                 tasks.spawn(
-                    handle_incoming(incoming, shared.clone(), cancel.clone())
+                    handle_incoming(Box::new(incoming), shared.clone(), cancel.clone())
                         .instrument(info_span!("conn", %remote)),
                 );
             }
@@ -439,42 +443,14 @@ fn close_conn(conn: &quinn::Connection, code: u32, reason: &str) {
 }
 
 async fn handle_incoming(
-    incoming: quinn::Incoming,
+    incoming: Box<quinn::Incoming>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    let limit = shared.limits.first_message_timeout;
-    shared.handshaking.fetch_add(1, Ordering::Relaxed);
-    let handshake = cancel
-        .run_until_cancelled(tokio::time::timeout(limit, incoming))
-        .await;
-    shared.handshaking.fetch_sub(1, Ordering::Relaxed);
-    let Some(handshake) = handshake else {
-        return; // shutting down: the endpoint's close ends it
-    };
-    let conn = match handshake {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            Metrics::inc(&shared.metrics.handshake_failures);
-            warn!(error = %e, "handshake failed");
-            return;
-        }
-        Err(_) => {
-            Metrics::inc(&shared.metrics.handshake_failures);
-            warn!("handshake timed out");
-            return;
-        }
-    };
-    let Some(peer) = peer_identity(&conn) else {
-        close_conn(&conn, close::WRONG_ROLE, "no peercam identity");
-        return;
-    };
-    let streams = cancel
-        .run_until_cancelled(tokio::time::timeout(limit, conn.accept_bi()))
-        .await;
-    let Some(Ok(Ok((send, recv)))) = streams else {
-        debug!("no control stream opened");
-        close_conn(&conn, close::PROTOCOL, "expected a control stream");
+    // The handshake's futures are boxed so that they do not enlarge the task, which
+    // lives as long as the camera stays registered (`BENCHMARKS.md`, memory per camera).
+    let Some((conn, peer, send, recv)) = Box::pin(handshake(incoming, &shared, &cancel)).await
+    else {
         return;
     };
     let id = peer.identity.id.clone();
@@ -494,6 +470,48 @@ async fn handle_incoming(
         }
         Role::Rendezvous => close_conn(&conn, close::WRONG_ROLE, "rendezvous may not connect"),
     }
+}
+
+/// Completes the handshake of a new connection and accepts its control stream; `None`
+/// (the connection closed with a reason where there is one) if that fails.
+async fn handshake(
+    incoming: Box<quinn::Incoming>,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> Option<(quinn::Connection, PeerIdentity, SendStream, RecvStream)> {
+    let limit = shared.limits.first_message_timeout;
+    shared.handshaking.fetch_add(1, Ordering::Relaxed);
+    let handshake = cancel
+        .run_until_cancelled(tokio::time::timeout(limit, (*incoming).into_future()))
+        .await;
+    shared.handshaking.fetch_sub(1, Ordering::Relaxed);
+    // `None`: shutting down, the endpoint's close ends it.
+    let conn = match handshake? {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            Metrics::inc(&shared.metrics.handshake_failures);
+            warn!(error = %e, "handshake failed");
+            return None;
+        }
+        Err(_) => {
+            Metrics::inc(&shared.metrics.handshake_failures);
+            warn!("handshake timed out");
+            return None;
+        }
+    };
+    let Some(peer) = peer_identity(&conn) else {
+        close_conn(&conn, close::WRONG_ROLE, "no peercam identity");
+        return None;
+    };
+    let streams = cancel
+        .run_until_cancelled(tokio::time::timeout(limit, conn.accept_bi()))
+        .await;
+    let Some(Ok(Ok((send, recv)))) = streams else {
+        debug!("no control stream opened");
+        close_conn(&conn, close::PROTOCOL, "expected a control stream");
+        return None;
+    };
+    Some((conn, peer, send, recv))
 }
 
 /// Messages queued towards one camera (introductions) before it counts as not keeping up.
@@ -518,79 +536,19 @@ async fn camera_session(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    let Ok(camera) = CameraId::new(&peer.identity.id) else {
-        return close_conn(&conn, close::WRONG_ROLE, "bad camera id");
-    };
-    let first = tokio::time::timeout(shared.limits.first_message_timeout, frame::read(&mut recv));
-    let Some(first) = cancel.run_until_cancelled(first).await else {
-        return close_conn(&conn, close::SHUTDOWN, "rendezvous shutting down");
-    };
-    let (local_addrs, access, version) = match first {
-        Ok(Ok(Some(ToRendezvous::Register {
-            local_addrs,
-            access,
-            caps,
-        }))) if access.len() <= MAX_ACCESS_LIST && check_addrs(&local_addrs).is_ok() => {
-            (local_addrs, access, caps.version)
-        }
-        Ok(Ok(Some(ToRendezvous::WhoAmI))) => {
-            let netcheck = who_am_i(&conn, &mut send, &mut recv, &shared);
-            if cancel.run_until_cancelled(netcheck).await.is_none() {
-                close_conn(&conn, close::SHUTDOWN, "rendezvous shutting down");
-            }
-            return;
-        }
-        _ => return close_conn(&conn, close::PROTOCOL, "expected Register"),
-    };
-    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let observed = canonical(conn.remote_address());
-    let online = Online {
-        conn: conn_id,
+    // Boxed: the registration's futures (the first read, a cluster claim over Redis) are
+    // larger than the idle loop below, and the task stays as large as its largest state
+    // for as long as the camera is registered (`BENCHMARKS.md`, memory per camera).
+    let registration = register_camera(&conn, &peer, &mut send, &mut recv, &shared, &cancel);
+    let Some(Registration {
+        camera,
+        conn_id,
         observed,
-        local: local_addrs,
+        version,
+    }) = Box::pin(registration).await
+    else {
+        return;
     };
-    let registered = match &shared.cluster {
-        Some(c) => cluster_claim(c, &camera, peer.key, &online, &access).await,
-        None => Ok(()),
-    }
-    .and_then(|()| {
-        shared.registry().register(
-            Instant::now(),
-            &camera,
-            peer.key,
-            access.into_iter().collect(),
-            online,
-        )
-    });
-    if let (Err(_), Some(c)) = (&registered, &shared.cluster) {
-        c.release(&camera, conn_id);
-    }
-    match registered {
-        Ok(Some(old)) => {
-            if let Some(link) = lock(&shared.cameras).remove(&old) {
-                close_conn(
-                    &link.conn,
-                    close::REPLACED,
-                    "replaced by a newer connection",
-                );
-            }
-        }
-        Ok(None) => {}
-        Err(RegisterError::IdTaken) => {
-            Metrics::inc(&shared.metrics.registrations_id_taken);
-            warn!(key = %peer.key, "refused: camera ID is held by another key");
-            let _ = frame::write(
-                &mut send,
-                &FromRendezvous::Error {
-                    message: format!("camera ID {camera} is registered with another key"),
-                },
-            )
-            .await;
-            let _ = send.finish();
-            return close_conn(&conn, close::ID_TAKEN, "camera ID held by another key");
-        }
-        Err(RegisterError::Full) => return close_conn(&conn, close::BUSY, "registry full"),
-    }
     let (tx, rx) = mpsc::channel::<Box<FromRendezvous>>(CAMERA_QUEUE);
     lock(&shared.cameras).insert(
         conn_id,
@@ -648,6 +606,114 @@ async fn camera_session(
         c.release(&camera, conn_id);
     }
     info!(reason, "camera unregistered");
+}
+
+/// What a camera session keeps of its registration.
+struct Registration {
+    camera: CameraId,
+    conn_id: ConnId,
+    /// The address its packets come from, as the camera is told in `Registered`.
+    observed: SocketAddr,
+    /// `Capabilities.version` the camera announced.
+    version: u32,
+}
+
+/// Reads a camera's first message and registers it (answering a netcheck instead, if
+/// that is what it asked for). `None` if the camera is not registered; the connection is
+/// then closed with the reason.
+async fn register_camera(
+    conn: &quinn::Connection,
+    peer: &PeerIdentity,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    shared: &Arc<Shared>,
+    cancel: &CancellationToken,
+) -> Option<Registration> {
+    let Ok(camera) = CameraId::new(&peer.identity.id) else {
+        return refuse(conn, close::WRONG_ROLE, "bad camera id");
+    };
+    let first = tokio::time::timeout(shared.limits.first_message_timeout, frame::read(recv));
+    let Some(first) = cancel.run_until_cancelled(first).await else {
+        return refuse(conn, close::SHUTDOWN, "rendezvous shutting down");
+    };
+    let (local_addrs, access, version) = match first {
+        Ok(Ok(Some(ToRendezvous::Register {
+            local_addrs,
+            access,
+            caps,
+        }))) if access.len() <= MAX_ACCESS_LIST && check_addrs(&local_addrs).is_ok() => {
+            (local_addrs, access, caps.version)
+        }
+        Ok(Ok(Some(ToRendezvous::WhoAmI))) => {
+            let netcheck = who_am_i(conn, send, recv, shared);
+            if cancel.run_until_cancelled(netcheck).await.is_none() {
+                close_conn(conn, close::SHUTDOWN, "rendezvous shutting down");
+            }
+            return None;
+        }
+        _ => return refuse(conn, close::PROTOCOL, "expected Register"),
+    };
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let observed = canonical(conn.remote_address());
+    let online = Online {
+        conn: conn_id,
+        observed,
+        local: local_addrs,
+    };
+    let registered = match &shared.cluster {
+        Some(c) => cluster_claim(c, &camera, peer.key, &online, &access).await,
+        None => Ok(()),
+    }
+    .and_then(|()| {
+        shared.registry().register(
+            Instant::now(),
+            &camera,
+            peer.key,
+            access.into_iter().collect(),
+            online,
+        )
+    });
+    if let (Err(_), Some(c)) = (&registered, &shared.cluster) {
+        c.release(&camera, conn_id);
+    }
+    match registered {
+        Ok(Some(old)) => {
+            if let Some(link) = lock(&shared.cameras).remove(&old) {
+                close_conn(
+                    &link.conn,
+                    close::REPLACED,
+                    "replaced by a newer connection",
+                );
+            }
+        }
+        Ok(None) => {}
+        Err(RegisterError::IdTaken) => {
+            Metrics::inc(&shared.metrics.registrations_id_taken);
+            warn!(key = %peer.key, "refused: camera ID is held by another key");
+            let _ = frame::write(
+                send,
+                &FromRendezvous::Error {
+                    message: format!("camera ID {camera} is registered with another key"),
+                },
+            )
+            .await;
+            let _ = send.finish();
+            return refuse(conn, close::ID_TAKEN, "camera ID held by another key");
+        }
+        Err(RegisterError::Full) => return refuse(conn, close::BUSY, "registry full"),
+    }
+    Some(Registration {
+        camera,
+        conn_id,
+        observed,
+        version,
+    })
+}
+
+/// Closes a connection whose camera was not registered.
+fn refuse(conn: &quinn::Connection, code: u32, reason: &str) -> Option<Registration> {
+    close_conn(conn, code, reason);
+    None
 }
 
 /// Writes queued messages to a camera until the stream fails. For a camera that
