@@ -496,10 +496,22 @@ pub(crate) fn load_frames(clip: &Path) -> Result<Vec<(bool, Bytes)>, String> {
 }
 
 /// A frame as captured by the baseline's camera.
-struct Captured {
-    keyframe: bool,
-    capture_us: u64,
-    data: Bytes,
+pub(crate) struct Captured {
+    pub(crate) keyframe: bool,
+    pub(crate) capture_us: u64,
+    pub(crate) data: Bytes,
+}
+
+impl Captured {
+    /// The frame's header on an ordered baseline stream (no presentation time).
+    pub(crate) fn header(&self) -> FrameHeader {
+        FrameHeader {
+            len: self.data.len() as u32,
+            flags: if self.keyframe { FLAG_KEYFRAME } else { 0 },
+            pts: 0,
+            capture_us: self.capture_us,
+        }
+    }
 }
 
 /// The baseline camera: captures the looped clip at `FPS` from the moment it starts, like a
@@ -539,13 +551,7 @@ async fn baseline_sender(
             if !started {
                 continue;
             }
-            let header = FrameHeader {
-                len: f.data.len() as u32,
-                flags: if f.keyframe { FLAG_KEYFRAME } else { 0 },
-                pts: 0,
-                capture_us: f.capture_us,
-            };
-            if stream.write_all(&header.encode()).await.is_err()
+            if stream.write_all(&f.header().encode()).await.is_err()
                 || stream.write_chunk(f.data).await.is_err()
             {
                 return;

@@ -22,14 +22,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use peercam_common::media::{FrameHeader, FLAG_KEYFRAME};
 use peercam_common::unix_micros;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::live::{load_frames, read_ordered, FPS};
+use crate::live::{load_frames, read_ordered, Captured, FPS};
 
 /// The port the sender listens on inside its namespace (RTSP's alternate port).
 pub const PORT: u16 = 8554;
@@ -98,13 +97,6 @@ pub fn send_main(args: &[String]) -> ExitCode {
     }
 }
 
-/// A frame as captured by the camera.
-struct Captured {
-    keyframe: bool,
-    capture_us: u64,
-    data: Bytes,
-}
-
 async fn send(listen: SocketAddr, frames: Vec<(bool, Bytes)>) -> Result<(), String> {
     let listener = TcpListener::bind(listen)
         .await
@@ -149,14 +141,8 @@ async fn serve_one(mut sock: TcpStream, rx: &mut mpsc::Receiver<Captured>) {
         if !started {
             continue;
         }
-        let header = FrameHeader {
-            len: f.data.len() as u32,
-            flags: if f.keyframe { FLAG_KEYFRAME } else { 0 },
-            pts: 0,
-            capture_us: f.capture_us,
-        };
         buf.clear();
-        buf.extend_from_slice(&header.encode());
+        buf.extend_from_slice(&f.header().encode());
         buf.extend_from_slice(&f.data);
         if sock.write_all(&buf).await.is_err() {
             return;
