@@ -89,6 +89,14 @@ struct ParityBlock {
     rows: Vec<Option<Bytes>>,
 }
 
+/// Parity rows held by these blocks.
+fn rows_held<'a>(blocks: impl IntoIterator<Item = &'a ParityBlock>) -> usize {
+    blocks
+        .into_iter()
+        .map(|b| b.rows.iter().flatten().count())
+        .sum()
+}
+
 /// Parity datagrams by stream, for the stream being read and the ones queued behind it.
 #[derive(Default)]
 pub(crate) struct ParityStore {
@@ -135,10 +143,7 @@ impl ParityStore {
             let Some((_, dropped)) = self.by_stream.pop_first() else {
                 break;
             };
-            self.stored -= dropped
-                .iter()
-                .map(|b| b.rows.iter().flatten().count())
-                .sum::<usize>();
+            self.stored -= rows_held(&dropped);
         }
     }
 
@@ -146,11 +151,7 @@ impl ParityStore {
     pub(crate) fn forget_up_to(&mut self, stream: u64) {
         let keep = self.by_stream.split_off(&(stream + 1));
         let gone = std::mem::replace(&mut self.by_stream, keep);
-        self.stored -= gone
-            .values()
-            .flatten()
-            .map(|b| b.rows.iter().flatten().count())
-            .sum::<usize>();
+        self.stored -= rows_held(gone.values().flatten());
     }
 }
 
@@ -237,11 +238,9 @@ impl Assembly {
         loop {
             let ready = self.contiguous();
             if ready >= FrameHeader::LEN as u64 {
+                // `decode` refuses lengths above MAX_FRAME_PAYLOAD.
                 let header = FrameHeader::decode(&self.buf[..FrameHeader::LEN])
                     .map_err(|e| ReadEnd::Broken(e.to_string()))?;
-                if header.len as usize > MAX_FRAME_PAYLOAD {
-                    return Err(ReadEnd::Broken("frame larger than allowed".into()));
-                }
                 let total = FrameHeader::LEN + header.len as usize;
                 if ready >= total as u64 {
                     let mut record = self.take(total);
@@ -406,12 +405,7 @@ mod tests {
         );
         store.forget_up_to(3);
         assert!(store.by_stream.keys().all(|&s| s > 3));
-        let left: usize = store
-            .by_stream
-            .values()
-            .flatten()
-            .map(|b| b.rows.iter().flatten().count())
-            .sum();
+        let left = rows_held(store.by_stream.values().flatten());
         assert_eq!(left, store.stored);
         store.add(&Bytes::from_static(b"garbage"));
     }
